@@ -1,0 +1,47 @@
+"""Shared fixtures: where the shared data lives (TOKENSPARSE_SHARED or ../shared)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+
+
+def shared_root() -> Path:
+    """$TOKENSPARSE_SHARED, else the ``shared`` folder beside the repository root."""
+    env = os.environ.get("TOKENSPARSE_SHARED")
+    if env:
+        return Path(env).expanduser().resolve()
+    return Path(__file__).resolve().parents[2] / "shared"
+
+
+def _require(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path} (set TOKENSPARSE_SHARED)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared data folder (tests using it skip when it is absent)."""
+    return _require(shared_root())
+
+
+@pytest.fixture(scope="session")
+def sample_images(shared_dir: Path) -> Path:
+    """500 real ImageNet photos, flat layout ``<wnid>_<name>.JPEG``."""
+    return _require(shared_dir / "data" / "imagenet-sample" / "images")
+
+
+@pytest.fixture(scope="session")
+def sample_wnids(shared_dir: Path) -> Path:
+    """The 1000 ImageNet-1k classes, line i = class i."""
+    return _require(shared_dir / "data" / "imagenet-sample" / "wnids.txt")
+
+
+@pytest.fixture(scope="session")
+def vit_tiny_weights(shared_dir: Path) -> Path:
+    """Real pretrained weights of ``vit_tiny_patch16_224.augreg_in21k_ft_in1k``."""
+    return _require(shared_dir / "weights" / f"{VIT_TINY}.safetensors")

@@ -1,0 +1,93 @@
+"""Tensor primitives: hand-checkable cases and shape fuzzing."""
+from __future__ import annotations
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tokensparse.ops import (bipartite_soft_matching, class_attention, fuse_tokens, gather_tokens,
+                             keep_assignment, merge_assignment, merge_tokens, split_topk, topk_indices,
+                             with_prefix)
+from tokensparse.methods.topk import TopKReducer
+from tokensparse.patch.vit import AttentionExtras
+from tokensparse.state import TokenState
+
+
+def test_bipartite_matching_hand_case():
+    # 4 tokens: A = {0, 2}, B = {1, 3}. Token 2 is identical to token 3, token 0 is orthogonal to all.
+    metric = torch.tensor([[[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0, 0, 2.0]]])
+    plan = bipartite_soft_matching(metric, r=1)
+    assert plan.src.tolist() == [[1]]      # A-index 1 = token 2
+    assert plan.dst.tolist() == [[1]]      # B-index 1 = token 3
+    assert plan.unm.tolist() == [[0]]
+    x = torch.tensor([[[1.0], [2.0], [3.0], [7.0]]])
+    size = torch.tensor([[[1.0], [1.0], [1.0], [3.0]]])
+    merged, msize = merge_tokens(x, size, plan)
+    # order [unmerged A..., B...]: token0, token1, (3*1 + 7*3) / 4
+    assert merged.squeeze(-1).tolist() == [[1.0, 2.0, 6.0]]
+    assert msize.squeeze(-1).tolist() == [[1.0, 1.0, 4.0]]
+    assert merge_assignment(plan, 4).tolist() == [[0, 1, 2, 2]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(2, 40), c=st.integers(1, 8), data=st.data())
+def test_merge_shapes_and_mass(b, n, c, data):
+    r = data.draw(st.integers(0, n // 2))
+    x = torch.randn(b, n, c)
+    size = torch.randint(1, 4, (b, n, 1)).float()
+    plan = bipartite_soft_matching(torch.randn(b, n, 5), r)
+    merged, msize = merge_tokens(x, size, plan)
+    assert merged.shape == (b, n - r, c) and msize.shape == (b, n - r, 1)
+    # size-weighted sums are preserved: merging is an average
+    assert torch.allclose((merged * msize).sum(1), (x * size).sum(1), atol=1e-4)
+    assign = merge_assignment(plan, n)
+    assert assign.min() >= 0 and assign.max() < n - r
+    # each new token's size is the total size of the old tokens assigned to it
+    rebuilt = torch.zeros(b, n - r).scatter_add(1, assign, size.squeeze(-1))
+    assert torch.allclose(rebuilt, msize.squeeze(-1))
+
+
+@settings(max_examples=30, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(1, 30), p=st.integers(0, 3), data=st.data())
+def test_topk_and_assignment(b, n, p, data):
+    k = data.draw(st.integers(1, n))
+    scores = torch.randn(b, n)
+    idx = topk_indices(scores, k)
+    assert idx.shape == (b, k) and (idx.diff(dim=1) > 0).all()
+    keep, drop = split_topk(scores, k)
+    assert torch.equal(keep, idx)
+    assert scores.gather(1, keep).min(1).values.ge(scores.gather(1, drop).max(1).values if drop.numel() else -math.inf).all()
+    full = with_prefix(keep, p)
+    assign = keep_assignment(full, n + p, p)
+    assert (assign >= 0).sum().item() == b * (k + p)
+    assert torch.equal(assign.gather(1, full), torch.arange(k + p).expand(b, -1))
+
+
+def test_class_attention_matches_full_softmax():
+    q, k = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 4)
+    bias = torch.randn(2, 1, 1, 7)
+    full = ((q @ k.transpose(-2, -1)) * 0.5 + bias).softmax(-1)
+    assert torch.allclose(class_attention(q, k, 0.5, bias), full[:, :, 0], atol=1e-6)
+
+
+def test_evit_fusion_hand_case():
+    # one prefix token and 4 patch tokens; class attention (head-mean) on patches 0.1, 0.4, 0.2, 0.3
+    x = torch.arange(5 * 2, dtype=torch.float).view(1, 5, 2)
+    attn = torch.tensor([[[0.0, 0.1, 0.4, 0.2, 0.3]]])
+    state = TokenState(num_prefix=1)
+    state.start(x)
+    out = TopKReducer(keep_rate=0.5, tokens=None, fuse=True)(x, AttentionExtras(cls_attn=attn), state, block=0)
+    # keeps patches 1 and 3 (tokens 2 and 4) in order; fuses patches 0 and 2 with raw weights 0.1, 0.2
+    expected_fused = 0.1 * x[0, 1] + 0.2 * x[0, 3]
+    assert torch.allclose(out[0], torch.stack([x[0, 0], x[0, 2], x[0, 4], expected_fused]))
+    assert state.patch_to_token.tolist() == [[3, 1, 3, 2]]
+    assert state.size.squeeze(-1).tolist() == [[1.0, 1.0, 1.0, 2.0]]
+
+
+def test_gather_and_fuse_shapes():
+    x = torch.randn(2, 6, 3)
+    idx = torch.tensor([[0, 5], [2, 3]])
+    assert torch.equal(gather_tokens(x, idx)[1, 0], x[1, 2])
+    assert fuse_tokens(x, torch.ones(2, 6)).shape == (2, 1, 3)

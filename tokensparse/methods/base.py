@@ -1,0 +1,147 @@
+"""What every method has: a name, documented options with defaults, validation, and `apply`."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Sequence
+
+from torch import nn
+
+from ..errors import TokenSparseError
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    """One option of a method: its name, default and a one-line help."""
+    name: str
+    default: Any
+    help: str
+
+
+class Method:
+    """Base class of a token reduction method.
+
+    Subclasses set ``name``, ``summary``, ``options`` and ``families`` and implement
+    :meth:`apply`, which installs the method on a model of a supported family.
+    """
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    options: ClassVar[tuple[OptionInfo, ...]]
+    families: ClassVar[tuple[str, ...]] = ("vit",)
+    needs_class_token: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        allowed = {o.name for o in self.options}
+        unknown = sorted(set(options) - allowed)
+        if unknown:
+            raise TokenSparseError(
+                f"unknown option(s) {', '.join(map(repr, unknown))} for method '{self.name}'; "
+                f"valid options: {', '.join(sorted(allowed)) or '(none)'}")
+        self.config: dict[str, Any] = {o.name: o.default for o in self.options}
+        self.config.update(options)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check option values; raise :class:`TokenSparseError` naming the bad one."""
+
+    def supports(self, model: nn.Module) -> bool:
+        """Whether this method can be applied to ``model``."""
+        from ..patch import model_family
+        try:
+            family = model_family(model)
+        except TokenSparseError:
+            return False
+        if family not in self.families:
+            return False
+        return not (self.needs_class_token and not getattr(model, "has_class_token", True))
+
+    def apply(self, model: nn.Module) -> None:
+        """Install the method on ``model`` (its family is one of ``families``)."""
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module) -> None:
+        """Remove what :meth:`apply` added besides class swaps (those are undone for you)."""
+
+
+# ----------------------------------------------------------------------------- validation helpers
+
+def check_keep_rate(value: Any, name: str = "keep_rate") -> float:
+    """A keep rate in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise TokenSparseError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_count(value: Any, name: str, minimum: int = 0) -> int:
+    """A non-negative (or >= minimum) integer."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TokenSparseError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TokenSparseError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise TokenSparseError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def default_locations(depth: int) -> list[int]:
+    """Blocks at 1/4, 1/2 and 3/4 of the depth (3, 6, 9 for 12 blocks)."""
+    return sorted({max(0, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)})
+
+
+def resolve_locations(locations: Optional[Sequence[int] | int], depth: int) -> list[int]:
+    """Validate block indices against ``depth``; None gives :func:`default_locations`."""
+    if locations is None:
+        return default_locations(depth)
+    if isinstance(locations, int) and not isinstance(locations, bool):
+        locations = [locations]
+    if not isinstance(locations, (list, tuple)) or not locations:
+        raise TokenSparseError(f"locations must be a non-empty list of block indices, got {locations!r}")
+    for loc in locations:
+        if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < depth:
+            raise TokenSparseError(
+                f"location {loc!r} is outside the model's blocks: valid block indices are 0..{depth - 1}")
+    if len(set(locations)) != len(locations):
+        raise TokenSparseError(f"locations must not repeat, got {list(locations)}")
+    return sorted(locations)
+
+
+def per_location(value: Any, n: int, name: str) -> list[Any]:
+    """Broadcast one value to ``n`` locations, or check a list has exactly ``n`` entries."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise TokenSparseError(f"{name} has {len(value)} entries but there are {n} locations")
+        return list(value)
+    return [value] * n
+
+
+def keep_count(keep_rate: float, n: int) -> int:
+    """Tokens kept out of ``n`` at ``keep_rate``: ``ceil(keep_rate * n)``, at least 1."""
+    return max(1, min(n, math.ceil(keep_rate * n - 1e-9)))
+
+
+class BlockReducerMethod(Method):
+    """A method that reduces tokens inside chosen ViT blocks, after attention (Top-K, ToMe, PPT).
+
+    Subclasses implement :meth:`build_reducers`; ``prop_attn`` turns on proportional attention.
+    """
+    prop_attn: bool = False
+
+    def build_reducers(self, model: nn.Module) -> dict[int, nn.Module]:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module) -> None:
+        from ..patch import vit
+        vit.check_vit(model, self.needs_class_token, self.name)
+        vit.install(model, self.build_reducers(model), prop_attn=self.prop_attn)
+
+    def remove(self, model: nn.Module) -> None:
+        from ..patch import vit
+        vit.uninstall(model)

@@ -1,0 +1,91 @@
+"""ToMe: merge the ``r`` most similar token pairs in every block (METHODS.md §2)."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import TokenSparseError
+from ..ops import bipartite_soft_matching, merge_assignment, merge_tokens
+from ..patch.vit import AttentionExtras, TokenReducer
+from ..state import TokenState
+from .base import BlockReducerMethod, OptionInfo, check_bool, check_choice, check_count
+
+
+def merge_patch_tokens(x: Tensor, metric: Tensor, r: int, state: TokenState) -> Tensor:
+    """Merge ``r`` patch tokens of ``x`` by bipartite matching on ``metric``, size-weighted.
+
+    Prefix tokens are untouched; updates ``state`` (sizes and patch-to-token map).
+    The caller caps ``r`` at half the patch tokens.
+    """
+    P = state.num_prefix
+    n = x.shape[1] - P
+    size = state.sizes(x)
+    plan = bipartite_soft_matching(metric[:, P:], r)
+    merged, merged_size = merge_tokens(x[:, P:], size[:, P:], plan)
+    assign = merge_assignment(plan, n) + P
+    if P:
+        prefix = torch.arange(P, device=x.device).expand(x.shape[0], -1)
+        assign = torch.cat([prefix, assign], dim=1)
+    state.update(assign, torch.cat([size[:, :P], merged_size], dim=1))
+    return torch.cat([x[:, :P], merged], dim=1)
+
+
+class ToMeReducer(TokenReducer):
+    """Merge ``r`` patch tokens by key similarity (capped at half the patch tokens)."""
+    needs = frozenset({"keys"})
+
+    def __init__(self, r: int) -> None:
+        super().__init__()
+        self.r = r
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}"
+
+    def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+        r = min(self.r, (x.shape[1] - state.num_prefix) // 2)
+        if r > 0:
+            x = merge_patch_tokens(x, extras.keys, r, state)
+        state.record(block, x)
+        return x
+
+
+def tome_schedule(r: Any, depth: int, schedule: str) -> list[int]:
+    """Per-block ``r``: a list as given, or an int spread over blocks by ``schedule``.
+
+    ``"constant"`` merges ``r`` in every block; ``"decreasing"`` merges the same total but
+    ``1.5 r`` in the first block falling linearly to ``0.5 r`` in the last (ToMe's inflection -0.5).
+    """
+    if isinstance(r, (list, tuple)):
+        if len(r) > depth:
+            raise TokenSparseError(f"r has {len(r)} entries but the model has {depth} blocks")
+        for v in r:
+            check_count(v, "r")
+        return list(r) + [0] * (depth - len(r))
+    if schedule == "constant" or depth == 1:
+        return [r] * depth
+    hi, lo = 1.5 * r, 0.5 * r
+    return [int(hi + (lo - hi) * i / (depth - 1)) for i in range(depth)]
+
+
+class ToMe(BlockReducerMethod):
+    name = "tome"
+    summary = "ToMe: merge the r most similar token pairs in every block (bipartite soft matching)"
+    options = (
+        OptionInfo("r", 13, "tokens merged per block: an int, or a list with one entry per block"),
+        OptionInfo("schedule", "constant", "how an int r is spread over blocks: constant or decreasing"),
+        OptionInfo("prop_attn", True, "proportional attention: add log(size) to the attention logits"),
+    )
+
+    def validate(self) -> None:
+        c = self.config
+        if not isinstance(c["r"], (list, tuple)):
+            check_count(c["r"], "r")
+        check_choice(c["schedule"], "schedule", ("constant", "decreasing"))
+        check_bool(c["prop_attn"], "prop_attn")
+        self.prop_attn = c["prop_attn"]
+
+    def build_reducers(self, model: nn.Module) -> dict[int, nn.Module]:
+        rs = tome_schedule(self.config["r"], len(model.blocks), self.config["schedule"])
+        return {i: ToMeReducer(r) for i, r in enumerate(rs)}

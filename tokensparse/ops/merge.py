@@ -1,0 +1,72 @@
+"""Bipartite soft matching (ToMe) and size-weighted merging.
+
+Works on patch tokens only: callers split off prefix tokens, which are never merged.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .select import gather_tokens
+
+
+class MergePlan(NamedTuple):
+    """Which tokens of set A (even positions) merge into which of set B (odd positions).
+
+    ``unm``: ``(B, nA - r)`` A-indices left alone (ascending); ``src``: ``(B, r)`` A-indices
+    merged away; ``dst``: ``(B, r)`` the B-index each ``src`` merges into.
+    """
+    unm: Tensor
+    src: Tensor
+    dst: Tensor
+
+
+def bipartite_soft_matching(metric: Tensor, r: int) -> MergePlan:
+    """Plan merging ``r`` of ``n`` patch tokens by cosine similarity of ``metric`` ``(B, n, C)``.
+
+    Tokens alternate into sets A and B; each A token picks its most similar B token and
+    the ``r`` A tokens with the highest similarity are merged into their partner.
+    ``r`` must be in ``[0, n // 2]``.
+    """
+    metric = F.normalize(metric.float(), dim=-1)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    best, partner = (a @ b.transpose(-1, -2)).max(dim=-1)
+    order = best.argsort(dim=-1, descending=True)
+    src = order[:, :r]
+    unm = order[:, r:].sort(dim=-1).values
+    return MergePlan(unm=unm, src=src, dst=partner.gather(1, src))
+
+
+def merge_tokens(x: Tensor, size: Tensor, plan: MergePlan) -> tuple[Tensor, Tensor]:
+    """Apply ``plan`` to patch tokens ``x`` ``(B, n, C)`` as size-weighted averages.
+
+    Returns merged tokens ``(B, n - r, C)`` ordered ``[unmerged A, B]`` and their sizes.
+    """
+    xs = x * size
+    xa, xb = xs[:, ::2], xs[:, 1::2]
+    sa, sb = size[:, ::2], size[:, 1::2]
+    idx = plan.dst.unsqueeze(-1)
+    xb = xb.scatter_add(1, idx.expand(-1, -1, x.shape[-1]), gather_tokens(xa, plan.src))
+    sb = sb.scatter_add(1, idx, gather_tokens(sa, plan.src))
+    merged_size = torch.cat([gather_tokens(sa, plan.unm), sb], dim=1)
+    merged = torch.cat([gather_tokens(xa, plan.unm), xb], dim=1) / merged_size
+    return merged, merged_size
+
+
+def merge_assignment(plan: MergePlan, n: int) -> Tensor:
+    """Old-to-new map ``(B, n)`` over patch tokens for ``plan`` (new index after merging)."""
+    B, n_unm = plan.unm.shape
+    dev = plan.unm.device
+    n_a = (n + 1) // 2
+    n_b = n // 2
+    assign_a = torch.empty(B, n_a, dtype=torch.long, device=dev)
+    assign_a.scatter_(1, plan.unm, torch.arange(n_unm, device=dev).expand(B, -1))
+    assign_a.scatter_(1, plan.src, plan.dst + n_unm)
+    assign_b = (torch.arange(n_b, device=dev) + n_unm).expand(B, -1)
+    assign = torch.empty(B, n, dtype=torch.long, device=dev)
+    assign[:, ::2] = assign_a
+    assign[:, 1::2] = assign_b
+    return assign
