@@ -1,0 +1,89 @@
+"""Overhead-free limit of a configuration (METHODS.md, "Measuring").
+
+Runs the patched model once to read how many tokens each block's attention and MLP see,
+then times the *plain* timm blocks on sequences already cut to those counts, next to the
+unpatched model and the patched model, interleaved in one process. The patched model's
+speed-up should come within a few percent of the limit's.
+
+    python benchmarks/overhead_limit.py --method tome:r=13 --method evit:keep_rate=0.7
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import timm
+import torch
+from torch import nn
+
+import tokensparse
+
+
+def token_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
+    """(tokens into attention, tokens into MLP) per block of a patched model."""
+    with torch.inference_mode():
+        model(x[:1])
+    after = {l.block: l.num_tokens for l in tokensparse.info(model)}
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    counts = []
+    for i in range(len(model.blocks)):
+        n_out = after.get(i, n)
+        counts.append((n, n_out))
+        n = n_out
+    return counts
+
+
+class CutBlocks(nn.Module):
+    """The unpatched model's blocks run on sequences truncated to given counts (no scoring)."""
+
+    def __init__(self, model: nn.Module, counts: list[tuple[int, int]]) -> None:
+        super().__init__()
+        self.model, self.counts = model, counts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.norm_pre(m._pos_embed(m.patch_embed(x)))
+        for blk, (n_in, n_out) in zip(m.blocks, self.counts):
+            x = x[:, :n_in]
+            x = x + blk.ls1(blk.attn(blk.norm1(x)))
+            x = x[:, :n_out]
+            x = x + blk.ls2(blk.mlp(blk.norm2(x)))
+        return m.forward_head(m.norm(x))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="deit_small_patch16_224")
+    p.add_argument("--method", action="append", required=True)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=7)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    base = timm.create_model(args.model).eval()
+    x = torch.randn(args.batch_size, 3, *base.patch_embed.img_size)
+    models: dict[str, nn.Module] = {"none": base}
+    for spec in args.method:
+        patched = tokensparse.patch(copy.deepcopy(base), spec)
+        models[spec] = patched
+        models[f"{spec} (limit)"] = CutBlocks(base, token_counts(patched, x))
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for m in models.values():
+            m(x)
+        for _ in range(args.runs):
+            for k, m in models.items():
+                t = time.perf_counter()
+                m(x)
+                times[k].append(time.perf_counter() - t)
+    ref = statistics.median(times["none"])
+    print(f"{args.model}, batch {args.batch_size}, {args.threads} threads, median of {args.runs} interleaved runs")
+    for k, v in times.items():
+        med = statistics.median(v)
+        print(f"{k:32s} {args.batch_size / med:8.1f} img/s  {ref / med:5.2f}x")
+
+
+if __name__ == "__main__":
+    main()

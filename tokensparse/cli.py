@@ -1,0 +1,291 @@
+"""Command line interface: ``tokensparse bench ...``.
+
+One ``add_<command>_parser`` / ``cmd_<command>`` pair per subcommand. Bad input (a
+:class:`TokenSparseError` or a bad argument) prints one ``error: ...`` line on stderr and
+exits with code 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, NoReturn, Sequence
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from .errors import TokenSparseError
+
+BASELINE = "none"
+DEFAULT_MODEL = "deit_small_patch16_224"
+
+
+class UsageError(Exception):
+    """A bad command line (unknown option, invalid value)."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that raises :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --weights / --pretrained (shared by subcommands that build a model)."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"timm model name (default: {DEFAULT_MODEL})")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--weights", metavar="FILE",
+                        help="local .safetensors/.pth weights, loaded with strict=True")
+    source.add_argument("--pretrained", action="store_true",
+                        help="download timm's pretrained weights (needs a model hub)")
+
+
+def add_images_args(parser: argparse.ArgumentParser) -> None:
+    """--images / --wnids / --limit."""
+    parser.add_argument("--images", metavar="DIR", type=Path,
+                        help="ImageNet-style images: DIR/<wnid>/*.JPEG or DIR/<wnid>_*.JPEG")
+    parser.add_argument("--wnids", metavar="FILE", type=Path,
+                        help="class list, line i = class i (default: wnids.txt in DIR or "
+                             "its parent)")
+    parser.add_argument("--limit", metavar="N", type=positive_int,
+                        help="use only the first N images (sorted by path)")
+
+
+def find_wnids(images: Path, wnids: Path | None) -> Path | None:
+    """The wnids file to use: the given one, else wnids.txt in ``images`` or its parent."""
+    if wnids is not None:
+        return wnids
+    for candidate in (images / "wnids.txt", images.parent / "wnids.txt"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_model(args: argparse.Namespace) -> nn.Module:
+    """The model named by --model, with --weights / --pretrained applied."""
+    from .models import create_model
+    return create_model(args.model, weights=args.weights, pretrained=args.pretrained)
+
+
+def normalise_specs(specs: Sequence[str]) -> list[str]:
+    """Canonical spec strings, the baseline ``none`` dropped; error on duplicates."""
+    from .spec import format_spec, parse_spec
+    out: list[str] = []
+    for spec in specs:
+        name, options = parse_spec(spec)
+        label = format_spec(name, options)
+        if label == BASELINE:
+            continue
+        if label in out:
+            raise TokenSparseError(f"method {label!r} given twice")
+        out.append(label)
+    return out
+
+
+def default_specs(model: nn.Module) -> list[str]:
+    """Every registered method that supports ``model``, at its defaults."""
+    import tokensparse
+    return [info.name for info in tokensparse.methods() if info.supports(model)]
+
+
+def build_variants(base: nn.Module, specs: Sequence[str]) -> dict[str, nn.Module]:
+    """``{"none": base, spec: patched deep copy of base, ...}`` (identical weights)."""
+    import tokensparse
+    variants = {BASELINE: base}
+    for spec in specs:
+        variants[spec] = tokensparse.patch(copy.deepcopy(base), spec)
+    return variants
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON; TokenSparseError if the file cannot be written."""
+    try:
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise TokenSparseError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+
+
+def fmt(value: float | None, digits: int) -> str:
+    """A number for a table cell ('-' when missing)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- bench
+
+@dataclass
+class BenchRow:
+    """One table / JSON row of ``tokensparse bench``."""
+    method: str
+    gmacs: float | None = None
+    img_per_s: float | None = None
+    speedup: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+    agreement: float | None = None
+
+
+def add_bench_parser(subparsers: Any) -> None:
+    """``tokensparse bench``: GMACs, throughput and accuracy of methods vs unreduced."""
+    p = subparsers.add_parser(
+        "bench", help="compare token reduction methods with the unreduced model",
+        description="Measure GMACs (FLOPs/2, counted from a real forward pass), throughput "
+                    "(interleaved, median of runs) and, with weights and --images, top-1/top-5 "
+                    "and agreement with the unreduced model, for each --method.")
+    add_model_args(p)
+    p.add_argument("--method", action="append", metavar="SPEC",
+                   help="method spec, e.g. tome:r=13 (repeatable; default: every method that "
+                        "supports the model, at its defaults)")
+    add_images_args(p)
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="torch intra-op threads while timing (default: torch's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--runs", type=positive_int, default=10, metavar="N",
+                   help="timed runs per model; the median is reported (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, metavar="N",
+                   help="untimed warm-up runs per model (default: 2)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
+    p.set_defaults(func=cmd_bench)
+
+
+def bench_accuracy_source(
+        args: argparse.Namespace) -> tuple[tuple[Path, Path | None] | None, str]:
+    """``((images, wnids), "")`` when accuracy can be measured, else ``(None, note)``.
+
+    A given --images folder is checked (layout, class list) even when accuracy is skipped.
+    """
+    wnids = None
+    if args.images is not None:
+        from .measure import ImageNetFolder
+        wnids = find_wnids(args.images, args.wnids)
+        ImageNetFolder(args.images, wnids)  # fail fast on a bad folder or class list
+    if args.weights is None and not args.pretrained:
+        return None, ("note: accuracy columns need weights (--weights FILE or --pretrained); "
+                      "measuring GMACs and throughput only")
+    if args.images is None:
+        return None, "note: accuracy columns need --images DIR; measuring GMACs and throughput only"
+    return (args.images, wnids), ""
+
+
+def run_bench(args: argparse.Namespace, variants: dict[str, nn.Module],
+              accuracy_source: tuple[Path, Path | None] | None) -> list[BenchRow]:
+    """Measure every variant; the first row is the unreduced model."""
+    from .measure import compare_throughput, evaluate_many, gmacs
+    from .measure._common import progress_bar
+
+    rows = {name: BenchRow(name) for name in variants}
+    with progress_bar("GMACs", len(variants)) as advance:
+        for name, model in variants.items():
+            rows[name].gmacs = gmacs(model)
+            advance(1)
+    total = (args.warmup + args.runs) * len(variants)
+    with progress_bar("throughput", total) as advance:
+        speed = compare_throughput(variants, batch_size=args.batch_size, threads=args.threads,
+                                   device=args.device, dtype=args.dtype, warmup=args.warmup,
+                                   runs=args.runs, progress=lambda done, _: advance(1))
+    for name, ips in speed.items():
+        rows[name].img_per_s = ips
+        rows[name].speedup = ips / speed[BASELINE]
+    if accuracy_source is not None:
+        images, wnids = accuracy_source
+        acc = evaluate_many(variants, images, wnids, reference_key=BASELINE,
+                            batch_size=args.batch_size, device=args.device, limit=args.limit)
+        for name, res in acc.items():
+            rows[name].top1, rows[name].top5 = res["top1"], res["top5"]
+            rows[name].agreement = res["agreement"]
+    return list(rows.values())
+
+
+def bench_table(args: argparse.Namespace, rows: Sequence[BenchRow], threads: int) -> Table:
+    """The rich table printed by ``tokensparse bench``."""
+    table = Table(
+        title=f"{args.model} | batch {args.batch_size} | {threads} threads | {args.device} "
+              f"{args.dtype} | median of {args.runs}",
+        caption="GMACs = FLOPs/2 per image from a real forward pass; speed-up vs unreduced, "
+                "timed interleaved in one process; agree = % same top-1 as unreduced")
+    table.add_column("method", overflow="fold")
+    for header in ("GMACs", "img/s", "speed-up", "top-1 %", "top-5 %", "agree %"):
+        table.add_column(header, justify="right")
+    for r in rows:
+        table.add_row(r.method, fmt(r.gmacs, 3), fmt(r.img_per_s, 1),
+                      "-" if r.speedup is None else f"{r.speedup:.2f}x",
+                      fmt(r.top1, 1), fmt(r.top5, 1), fmt(r.agreement, 1))
+    return table
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``tokensparse bench``."""
+    console = Console()
+    if args.warmup < 0:
+        raise TokenSparseError(f"--warmup must be >= 0, got {args.warmup}")
+    specs = normalise_specs(args.method) if args.method else None
+    base = load_model(args)
+    accuracy_source, note = bench_accuracy_source(args)
+    variants = build_variants(base, specs if specs is not None else default_specs(base))
+    if note:
+        console.print(note)
+    rows = run_bench(args, variants, accuracy_source)
+    threads = args.threads or torch.get_num_threads()
+    console.print(bench_table(args, rows, threads))
+    if args.json is not None:
+        write_json(args.json, [asdict(r) for r in rows])
+        console.print(f"wrote {args.json}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- main
+
+def build_parser() -> ArgumentParser:
+    """The ``tokensparse`` parser with one subparser per command."""
+    from . import __version__
+    parser = ArgumentParser(prog="tokensparse",
+                            description="Token reduction for timm vision transformers.")
+    parser.add_argument("--version", action="version", version=f"tokensparse {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    add_bench_parser(subparsers)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``tokensparse`` command; returns the exit code."""
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args))
+    except (UsageError, TokenSparseError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help / --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
