@@ -1,10 +1,14 @@
-"""Shared fixtures: where the shared data lives (TOKENSPARSE_SHARED or ../shared)."""
+"""Shared fixtures: where the shared data lives (TOKENSPARSE_SHARED or ../shared).
+
+CI always has the shared data, so a missing file is an error here, never a skip.
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
@@ -19,13 +23,13 @@ def shared_root() -> Path:
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"shared data not found: {path} (set TOKENSPARSE_SHARED)")
+        raise FileNotFoundError(f"shared data not found: {path} (set TOKENSPARSE_SHARED)")
     return path
 
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """The shared data folder (tests using it skip when it is absent)."""
+    """The shared data folder."""
     return _require(shared_root())
 
 
@@ -42,6 +46,21 @@ def sample_wnids(shared_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def images_dir(sample_images: Path) -> Path:
+    return sample_images
+
+
+@pytest.fixture(scope="session")
+def wnids_file(sample_wnids: Path) -> Path:
+    return sample_wnids
+
+
+@pytest.fixture(scope="session")
 def vit_tiny_weights(shared_dir: Path) -> Path:
     """Real pretrained weights of ``vit_tiny_patch16_224.augreg_in21k_ft_in1k``."""
     return _require(shared_dir / "weights" / f"{VIT_TINY}.safetensors")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
