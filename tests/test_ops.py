@@ -91,3 +91,21 @@ def test_gather_and_fuse_shapes():
     idx = torch.tensor([[0, 5], [2, 3]])
     assert torch.equal(gather_tokens(x, idx)[1, 0], x[1, 2])
     assert fuse_tokens(x, torch.ones(2, 6)).shape == (2, 1, 3)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 30), data=st.data())
+def test_merge_odd_start_matches_even_start_on_shifted_sequence(n, data):
+    # A starting at position 1 of a sequence is A starting at 0 of that sequence minus its head
+    r = data.draw(st.integers(0, (n - 1) // 2))
+    x, metric = torch.randn(1, n, 3), torch.randn(1, n, 4)
+    size = torch.ones(1, n, 1)
+    plan = bipartite_soft_matching(metric, r, a_start=1)
+    merged, msize = merge_tokens(x, size, plan)
+    assert merged.shape == (1, n - r, 3)
+    assert torch.allclose((merged * msize).sum(1), x.sum(1), atol=1e-4)
+    assign = merge_assignment(plan, n)
+    rebuilt = torch.zeros(1, n - r).scatter_add(1, assign, size.squeeze(-1))
+    assert torch.allclose(rebuilt, msize.squeeze(-1))
+    # B tokens (even positions) are never merged away: each keeps its own slot
+    assert len(set(assign[0, 0::2].tolist())) == len(range(0, n, 2))

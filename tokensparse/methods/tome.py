@@ -16,13 +16,14 @@ from .base import BlockReducerMethod, OptionInfo, check_bool, check_choice, chec
 def merge_patch_tokens(x: Tensor, metric: Tensor, r: int, state: TokenState) -> Tensor:
     """Merge ``r`` patch tokens of ``x`` by bipartite matching on ``metric``, size-weighted.
 
-    Prefix tokens are untouched; updates ``state`` (sizes and patch-to-token map).
-    The caller caps ``r`` at half the patch tokens.
+    Sets A and B alternate over the whole sequence as in ToMe's reference code (the class
+    token would be in A), with prefix tokens excluded from matching. Prefix tokens are untouched;
+    updates ``state`` (sizes and patch-to-token map). The caller caps ``r`` at half the patch tokens.
     """
     P = state.num_prefix
     n = x.shape[1] - P
     size = state.sizes(x)
-    plan = bipartite_soft_matching(metric[:, P:], r)
+    plan = bipartite_soft_matching(metric[:, P:], r, a_start=P % 2)
     merged, merged_size = merge_tokens(x[:, P:], size[:, P:], plan)
     assign = merge_assignment(plan, n) + P
     if P:

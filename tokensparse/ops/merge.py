@@ -17,27 +17,33 @@ class MergePlan(NamedTuple):
     """Which tokens of set A (even positions) merge into which of set B (odd positions).
 
     ``unm``: ``(B, nA - r)`` A-indices left alone (ascending); ``src``: ``(B, r)`` A-indices
-    merged away; ``dst``: ``(B, r)`` the B-index each ``src`` merges into.
+    merged away; ``dst``: ``(B, r)`` the B-index each ``src`` merges into. ``a_start`` is 0
+    when A holds the even positions and 1 when it holds the odd ones.
     """
     unm: Tensor
     src: Tensor
     dst: Tensor
+    a_start: int = 0
 
 
-def bipartite_soft_matching(metric: Tensor, r: int) -> MergePlan:
+def _split_ab(t: Tensor, a_start: int) -> tuple[Tensor, Tensor]:
+    return t[:, a_start::2], t[:, 1 - a_start::2]
+
+
+def bipartite_soft_matching(metric: Tensor, r: int, a_start: int = 0) -> MergePlan:
     """Plan merging ``r`` of ``n`` patch tokens by cosine similarity of ``metric`` ``(B, n, C)``.
 
-    Tokens alternate into sets A and B; each A token picks its most similar B token and
-    the ``r`` A tokens with the highest similarity are merged into their partner.
-    ``r`` must be in ``[0, n // 2]``.
+    Tokens alternate into sets A and B (A starts at position ``a_start``); each A token picks
+    its most similar B token and the ``r`` A tokens with the highest similarity are merged into
+    their partner. ``r`` must be in ``[0, len(A)]`` (callers cap it at ``n // 2``).
     """
     metric = F.normalize(metric.float(), dim=-1)
-    a, b = metric[:, ::2], metric[:, 1::2]
+    a, b = _split_ab(metric, a_start)
     best, partner = (a @ b.transpose(-1, -2)).max(dim=-1)
     order = best.argsort(dim=-1, descending=True)
     src = order[:, :r]
     unm = order[:, r:].sort(dim=-1).values
-    return MergePlan(unm=unm, src=src, dst=partner.gather(1, src))
+    return MergePlan(unm=unm, src=src, dst=partner.gather(1, src), a_start=a_start)
 
 
 def merge_tokens(x: Tensor, size: Tensor, plan: MergePlan) -> tuple[Tensor, Tensor]:
@@ -45,9 +51,8 @@ def merge_tokens(x: Tensor, size: Tensor, plan: MergePlan) -> tuple[Tensor, Tens
 
     Returns merged tokens ``(B, n - r, C)`` ordered ``[unmerged A, B]`` and their sizes.
     """
-    xs = x * size
-    xa, xb = xs[:, ::2], xs[:, 1::2]
-    sa, sb = size[:, ::2], size[:, 1::2]
+    xa, xb = _split_ab(x * size, plan.a_start)
+    sa, sb = _split_ab(size, plan.a_start)
     idx = plan.dst.unsqueeze(-1)
     xb = xb.scatter_add(1, idx.expand(-1, -1, x.shape[-1]), gather_tokens(xa, plan.src))
     sb = sb.scatter_add(1, idx, gather_tokens(sa, plan.src))
@@ -60,13 +65,13 @@ def merge_assignment(plan: MergePlan, n: int) -> Tensor:
     """Old-to-new map ``(B, n)`` over patch tokens for ``plan`` (new index after merging)."""
     B, n_unm = plan.unm.shape
     dev = plan.unm.device
-    n_a = (n + 1) // 2
-    n_b = n // 2
+    n_a = (n + 1 - plan.a_start) // 2
+    n_b = n - n_a
     assign_a = torch.empty(B, n_a, dtype=torch.long, device=dev)
     assign_a.scatter_(1, plan.unm, torch.arange(n_unm, device=dev).expand(B, -1))
     assign_a.scatter_(1, plan.src, plan.dst + n_unm)
     assign_b = (torch.arange(n_b, device=dev) + n_unm).expand(B, -1)
     assign = torch.empty(B, n, dtype=torch.long, device=dev)
-    assign[:, ::2] = assign_a
-    assign[:, 1::2] = assign_b
+    assign[:, plan.a_start::2] = assign_a
+    assign[:, 1 - plan.a_start::2] = assign_b
     return assign
