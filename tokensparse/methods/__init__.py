@@ -7,10 +7,11 @@ from torch import nn
 
 from ..errors import TokenSparseError
 from .base import Method, OptionInfo
+from .ppt import PPT
 from .tome import ToMe
 from .topk import EViT, TopK
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe, PPT)}
 
 
 @dataclass(frozen=True)
