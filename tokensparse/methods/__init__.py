@@ -7,11 +7,12 @@ from torch import nn
 
 from ..errors import TokenSparseError
 from .base import Method, OptionInfo
+from .evovit import EvoViT
 from .ppt import PPT
 from .tome import ToMe
 from .topk import EViT, TopK
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe, PPT)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe, PPT, EvoViT)}
 
 
 @dataclass(frozen=True)
