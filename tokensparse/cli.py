@@ -254,6 +254,123 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- train / calibrate (DynamicViT)
+
+def add_train_parser(subparsers: Any) -> None:
+    """``tokensparse train``: fine-tune a DynamicViT model (torchrun for several processes/nodes)."""
+    p = subparsers.add_parser(
+        "train", help="fine-tune DynamicViT predictors and backbone on an image folder",
+        description="Fine-tune a timm ViT with DynamicViT (CE + ratio loss + distillation from the "
+                    "unreduced model). Run under torchrun for DistributedDataParallel (gloo on CPU, "
+                    "nccl on GPUs). Checkpoints go to OUT/checkpoint.pt after every epoch (and every "
+                    "--checkpoint-every steps), predictors to OUT/predictors.safetensors.")
+    add_model_args(p)
+    p.add_argument("--method", default="dynamicvit", metavar="SPEC", help="dynamicvit spec (default: dynamicvit)")
+    add_images_args(p)
+    p.add_argument("--split", choices=("all", "even", "odd"), default="all",
+                   help="use all images, or only the even / odd positions of the sorted list")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint / predictors folder")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="FILE",
+                   help="continue from OUT/checkpoint.pt (or FILE) exactly where it stopped")
+    p.add_argument("--epochs", type=positive_int, default=30, metavar="N")
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="per process (default: 64)")
+    p.add_argument("--lr", type=float, default=1e-3, help="predictor learning rate (default: 1e-3)")
+    p.add_argument("--backbone-lr-scale", type=float, default=0.01, help="backbone lr = lr x this (default: 0.01)")
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup-epochs", type=float, default=5.0)
+    for name, default in (("ratio-weight", 2.0), ("distill-weight", 0.5), ("token-weight", 0.5)):
+        p.add_argument(f"--{name}", type=float, default=default, help=f"loss weight (default: {default})")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="also checkpoint every N steps")
+    p.add_argument("--max-steps", type=positive_int, metavar="N", help="stop after N optimiser steps in all")
+    p.add_argument("--workers", type=int, default=2, metavar="N", help="data loader workers (default: 2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.set_defaults(func=cmd_train)
+
+
+def _training_images(args: argparse.Namespace, model: nn.Module, training: bool) -> Any:
+    """The --images folder with the model's transforms, --limit and --split applied."""
+    from torch.utils.data import Subset
+
+    from .train.finetune import image_dataset, split_dataset
+    if args.images is None:
+        raise TokenSparseError("--images DIR is required")
+    data = image_dataset(args.images, model, find_wnids(args.images, args.wnids), training=training)
+    if args.limit is not None:
+        data = Subset(data, range(min(args.limit, len(data))))
+    return split_dataset(data, args.split)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Run ``tokensparse train``."""
+    from .train.finetune import TrainConfig, finetune
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.workers < 0:
+        raise TokenSparseError(f"--workers must be >= 0, got {args.workers}")
+    model = load_model(args)
+    data = _training_images(args, model, training=True)
+    cfg = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
+        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, ratio_weight=args.ratio_weight,
+        distill_weight=args.distill_weight, token_weight=args.token_weight, bf16=args.bf16, seed=args.seed,
+        num_workers=args.workers, checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
+    finetune(model, data, args.out, args.method, cfg, resume=args.resume, device=args.device)
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        Console().print(f"trained on {len(data)} images; checkpoint {args.out / 'checkpoint.pt'}, "
+                        f"predictors {args.out / 'predictors.safetensors'}")
+    return 0
+
+
+def add_calibrate_parser(subparsers: Any) -> None:
+    """``tokensparse calibrate``: train only DynamicViT predictors, backbone frozen, no labels."""
+    p = subparsers.add_parser(
+        "calibrate", help="train DynamicViT predictors on unlabelled images (backbone frozen)",
+        description="Freeze the model and train only the DynamicViT prediction modules by "
+                    "distillation from the unreduced model (KL + token MSE + ratio loss) on an "
+                    "image folder (labels unused). Writes the predictors as safetensors, for "
+                    "'--method dynamicvit:predictors=FILE'.")
+    add_model_args(p)
+    p.add_argument("--method", default="dynamicvit", metavar="SPEC", help="dynamicvit spec, e.g. dynamicvit:rho=0.7")
+    add_images_args(p)
+    p.add_argument("--split", choices=("all", "even", "odd"), default="all",
+                   help="use all images, or only the even / odd positions of the sorted list")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="predictors .safetensors file")
+    p.add_argument("--epochs", type=int, default=3, metavar="N", help="end-to-end distillation epochs (default: 3)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--no-flip", action="store_true", help="do not add mirrored copies of the images")
+    p.add_argument("--imitation-epochs", type=int, default=30, metavar="N",
+                   help="warm-start epochs imitating the teacher's class-attention ranking (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Run ``tokensparse calibrate``."""
+    import time
+
+    from .methods.dynamicvit import describe
+    from .train.calibrate import CalibrateConfig, _locations, calibrate
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args)
+    _locations(model, args.method)  # fail fast on a bad spec
+    data = _training_images(args, model, training=False)
+    cfg = CalibrateConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                          flip=not args.no_flip, imitation_epochs=args.imitation_epochs, seed=args.seed)
+    start = time.perf_counter()
+    calibrate(model, data, args.method, cfg, out=args.out, device=args.device)
+    d = describe(model)
+    Console().print(f"calibrated {len(data)} images in {time.perf_counter() - start:.1f} s; locations "
+                    f"{d['locations']}, tokens kept {d['tokens']}; wrote {args.out}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> ArgumentParser:
@@ -264,6 +381,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tokensparse {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_bench_parser(subparsers)
+    add_train_parser(subparsers)
+    add_calibrate_parser(subparsers)
     return parser
 
 

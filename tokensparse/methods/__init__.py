@@ -7,12 +7,13 @@ from torch import nn
 
 from ..errors import TokenSparseError
 from .base import Method, OptionInfo
+from .dynamicvit import DynamicViT
 from .evovit import EvoViT
 from .ppt import PPT
 from .tome import ToMe
 from .topk import EViT, TopK
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe, PPT, EvoViT)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe, PPT, EvoViT, DynamicViT)}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,184 @@
+"""DynamicViT: exactness, attention masking, gradients, eval gathering, predictor files, ratio control."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+from torch.utils.data import TensorDataset
+
+import tokensparse
+from tokensparse import TokenSparseError
+from tokensparse.methods import dynamicvit as dv
+from tokensparse.train import CalibrateConfig, DynamicViTLoss, Teacher, calibrate
+from tokensparse.train.calibrate import embed, forward_from
+
+
+def tiny(img: int = 64, **kw) -> torch.nn.Module:
+    """A 4-block ViT without dropout: 64 patches of 8x8 (locations 1, 2, 3)."""
+    torch.manual_seed(0)
+    args = dict(img_size=img, patch_size=8, depth=4, embed_dim=64, num_heads=2, num_classes=10)
+    return timm.create_model("vit_tiny_patch16_224", **{**args, **kw}).eval()
+
+
+MODELS = {
+    "cls": lambda: tiny(),
+    "reg4_avgpool": lambda: tiny(reg_tokens=4, global_pool="avg"),
+    "distilled": lambda: timm.create_model(
+        "deit_tiny_distilled_patch16_224", img_size=64, patch_size=8, depth=4, embed_dim=64,
+        num_heads=2, num_classes=10).eval(),
+}
+
+
+def force_keep(model: torch.nn.Module) -> None:
+    """Bias every predictor so it keeps every token (a hard decision Gumbel noise cannot flip)."""
+    for stage in dv.stages(model).values():
+        with torch.no_grad():
+            stage.predictor.out_conv[4].bias.copy_(torch.tensor([60.0, -60.0]))
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_rho_one_eval_and_all_kept_train_are_exact(name):
+    model = MODELS[name]()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+    tokensparse.patch(model, "dynamicvit:rho=1")
+    with torch.no_grad():
+        out = model(x)
+    assert (out - ref).abs().max().item() <= 1e-5
+    assert [loc.num_tokens for loc in tokensparse.info(model)] == [model.num_prefix_tokens + 64] * 3
+    force_keep(model)
+    model.train()
+    with torch.no_grad():
+        out = model(x)
+    assert all(bool((m == 1).all()) for m in model._ts_state.masks)
+    assert (out - ref).abs().max().item() <= 1e-5
+    tokensparse.unpatch(model)
+    assert not any(hasattr(b, "ts_reducer") for b in model.blocks)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), ref)
+
+
+def test_eval_gathers_kept_tokens_and_records_info():
+    model = tokensparse.patch(tiny(), "dynamicvit")  # rho 0.7: int(64 * 0.7^k) = 44, 31, 21
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 64, 64))
+    assert out.shape == (3, 10)
+    recs = tokensparse.info(model)
+    assert [r.block for r in recs] == [1, 2, 3]
+    assert [r.num_tokens for r in recs] == [45, 32, 22]
+    assert all(int(r.kept.sum(dim=1).min()) == r.num_tokens - 1 for r in recs)
+    assert dv.describe(model)["tokens"] == [44, 31, 21]
+
+
+def test_default_ratios_for_vit_small_match_the_paper():
+    method = tokensparse.methods  # noqa: F841 - registry import
+    m = dv.DynamicViT()
+    sched = m.schedule(12)
+    assert list(sched) == [3, 6, 9]
+    assert [dv.keep_tokens(196, r) for r in sched.values()] == [137, 96, 67]
+    assert "dynamicvit" in [i.name for i in tokensparse.methods()]
+
+
+def test_dropped_tokens_do_not_change_kept_outputs_and_grads_reach_predictors():
+    model = tokensparse.patch(tiny(), "dynamicvit:rho=0.6").train()
+    x = torch.randn(2, 3, 64, 64)
+    P = model.num_prefix_tokens
+
+    def run(perturb: bool):
+        handle = None
+        if perturb:  # add noise to every token dropped at the first location, right after it
+            def hook(_module, args):
+                keep = model._ts_state.attn_policy().unsqueeze(-1)
+                noise = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(5))  # not the global RNG
+                return (args[0] + 5.0 * noise * (1 - keep),)
+            handle = model.blocks[2].register_forward_pre_hook(hook)
+        torch.manual_seed(123)  # same Gumbel noise in both runs
+        try:
+            logits = model(x)
+        finally:
+            if handle is not None:
+                handle.remove()
+        return logits, dv.train_outputs(model)
+
+    logits, outs = run(False)
+    logits2, outs2 = run(True)
+    final = outs.masks[-1] > 0.5
+    assert 0 < int(final.sum()) < final.numel()
+    assert all(torch.equal(a, b) for a, b in zip(outs.masks, outs2.masks))
+    assert (logits - logits2).abs().max().item() <= 1e-5
+    kept = final.unsqueeze(-1)
+    diff = (outs.features[:, P:] - outs2.features[:, P:]).abs()
+    assert (diff * kept).max().item() <= 1e-5
+    assert (diff * ~kept).max().item() > 1e-2  # the dropped tokens really were perturbed
+
+    teacher = Teacher(model)
+    t_logits, t_tokens = teacher(x)
+    loss, parts = DynamicViTLoss()(logits, torch.tensor([1, 2]), outs, t_logits, t_tokens)
+    loss.backward()
+    for block, stage in dv.stages(model).items():
+        grads = [p.grad for p in stage.predictor.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), block
+        assert sum(g.abs().sum().item() for g in grads) > 0, block
+    # gradients also flow through the attention masks alone (no ratio loss)
+    model.zero_grad()
+    logits, outs = run(False)
+    DynamicViTLoss(ratio_weight=0, token_weight=0)(logits, None, outs, t_logits, t_tokens)[0].backward()
+    assert all(s.predictor.in_conv[1].weight.grad.abs().sum() > 0 for s in dv.stages(model).values())
+
+
+def test_predictor_files_round_trip_and_errors(tmp_path):
+    model = tokensparse.patch(tiny(), "dynamicvit")
+    for s in dv.stages(model).values():
+        torch.nn.init.normal_(s.predictor.out_conv[4].weight)
+    path = dv.save_predictors(model, tmp_path / "p.safetensors")
+    other = tokensparse.patch(tiny(), "dynamicvit", predictors=str(path))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), other(x))
+    with pytest.raises(TokenSparseError, match="not found"):
+        tokensparse.patch(tiny(), f"dynamicvit:predictors={tmp_path / 'missing.safetensors'}")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(TokenSparseError, match="not a valid safetensors"):
+        tokensparse.patch(tiny(), "dynamicvit", predictors=str(bad))
+    with pytest.raises(TokenSparseError, match="does not fit this model"):
+        tokensparse.patch(tiny(embed_dim=32), "dynamicvit", predictors=str(path))
+    with pytest.raises(TokenSparseError, match="locations"):
+        tokensparse.patch(tiny(), "dynamicvit:locations=[1,2]", predictors=str(path))
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(TokenSparseError, match="not a DynamicViT predictors file"):
+        tokensparse.patch(tiny(), "dynamicvit", predictors=str(tmp_path / "foreign.safetensors"))
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("dynamicvit:rho=0", "rho"), ("dynamicvit:rho=1.5", "rho"), ("dynamicvit:ratios=[0.5,0.7]", "increase"),
+    ("dynamicvit:gumbel=3", "gumbel"), ("dynamicvit:locations=[9]", "location"), ("dynamicvit:foo=1", "unknown"),
+    ("dynamicvit:ratios=[0.5]", "entries"),
+])
+def test_bad_options(spec, match):
+    with pytest.raises(TokenSparseError, match=match):
+        tokensparse.patch(tiny(), spec)
+
+
+def test_calibration_drives_keep_ratios_to_targets():
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 64, 64), torch.zeros(64, dtype=torch.long))
+    model = tiny()
+    cfg = CalibrateConfig(epochs=12, batch_size=16, lr=3e-3, flip=False, warmup_epochs=0, imitation_epochs=0)
+    calibrate(model, data, "dynamicvit:rho=0.7", cfg, progress=False)
+    assert not model.training and model.blocks[0].attn.qkv.weight.requires_grad
+    stage_map = dv.stages(model)
+    for s in stage_map.values():
+        s.train()
+    with torch.no_grad():
+        h = embed(model, data.tensors[0])
+        for blk in model.blocks[:1]:
+            h = blk(h)
+        forward_from(model, h, 1)
+    ratios = dv.train_outputs(model).keep_ratios
+    targets = [s.ratio for s in stage_map.values()]
+    assert all(abs(r - t) <= 0.05 for r, t in zip(ratios, targets)), (ratios, targets)

@@ -1,0 +1,95 @@
+"""DynamicViT training objective: CE + ratio loss + distillation from the unreduced teacher."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import TokenSparseError
+from ..methods.dynamicvit import DynamicViTOutputs
+
+
+def ratio_loss(masks: list[Tensor], targets: list[float]) -> Tensor:
+    """``sum over locations of mean over images of (keep ratio - target)^2``."""
+    return sum(((m.float().mean(dim=1) - t) ** 2).mean() for m, t in zip(masks, targets))
+
+
+def logit_distillation(student: Tensor, teacher: Tensor) -> Tensor:
+    """``KL(teacher || student)`` of the class distributions, averaged over images."""
+    return F.kl_div(F.log_softmax(student.float(), dim=-1), F.log_softmax(teacher.float(), dim=-1),
+                    reduction="batchmean", log_target=True)
+
+
+def token_distillation(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
+    """MSE of final patch tokens ``(B, N0, C)`` over the kept ones (``keep`` ``(B, N0)``).
+
+    Averaged per image over its kept tokens, then over images, so the loss of a batch is the
+    mean of its images' losses (a data-parallel run equals one big batch).
+    """
+    err = (student.float() - teacher.float()).pow(2).mean(dim=-1)
+    keep = keep.float()
+    return ((err * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)).mean()
+
+
+class DynamicViTLoss(nn.Module):
+    """The DynamicViT objective; every weight is an option (0 turns a part off).
+
+    ``forward(logits, target, outputs, teacher_logits, teacher_tokens)`` returns the total
+    loss and its detached parts ``{"ce", "ratio", "kl", "token"}``. ``target`` may be None
+    (unlabelled calibration); ``outputs`` is :func:`tokensparse.methods.dynamicvit.train_outputs`.
+    """
+
+    def __init__(self, ratio_weight: float = 2.0, distill_weight: float = 0.5, token_weight: float = 0.5,
+                 ce_weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        for name, w in (("ratio_weight", ratio_weight), ("distill_weight", distill_weight),
+                        ("token_weight", token_weight), ("ce_weight", ce_weight)):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
+                raise TokenSparseError(f"{name} must be a number >= 0, got {w!r}")
+        self.ratio_weight, self.distill_weight, self.token_weight = ratio_weight, distill_weight, token_weight
+        self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
+
+    def forward(self, logits: Tensor, target: Optional[Tensor], outputs: DynamicViTOutputs,
+                teacher_logits: Optional[Tensor] = None, teacher_tokens: Optional[Tensor] = None,
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        zero = logits.new_zeros((), dtype=torch.float32)
+        parts = {"ce": zero, "ratio": zero, "kl": zero, "token": zero}
+        if self.ce_weight and target is not None:
+            parts["ce"] = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+        if self.ratio_weight:
+            parts["ratio"] = ratio_loss(outputs.masks, outputs.targets)
+        if self.distill_weight or self.token_weight:
+            if teacher_logits is None or teacher_tokens is None:
+                raise TokenSparseError("distillation weights are set but no teacher outputs were given")
+            if self.distill_weight:
+                parts["kl"] = logit_distillation(logits, teacher_logits)
+            if self.token_weight:
+                P = outputs.num_prefix
+                parts["token"] = token_distillation(outputs.features[:, P:], teacher_tokens[:, P:],
+                                                    outputs.masks[-1].detach() > 0.5)
+        total = (self.ce_weight * parts["ce"] + self.ratio_weight * parts["ratio"]
+                 + self.distill_weight * parts["kl"] + self.token_weight * parts["token"])
+        return total, {k: v.detach() for k, v in parts.items()}
+
+
+class Teacher(nn.Module):
+    """A frozen copy of the unreduced model returning ``(logits, final tokens)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        import tokensparse
+        self.model = copy.deepcopy(model)
+        if tokensparse.is_patched(self.model):
+            tokensparse.unpatch(self.model)
+        self.model.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Teacher":  # always eval
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        tokens = self.model.forward_features(x)
+        return self.model.forward_head(tokens), tokens
