@@ -12,7 +12,8 @@ import tokensparse
 from tokensparse import TokenSparseError
 from tokensparse.methods import dynamicvit as dv
 from tokensparse.train import CalibrateConfig, DynamicViTLoss, Teacher, calibrate
-from tokensparse.train.calibrate import embed, forward_from
+from tokensparse.patch.vit import run_to
+from tokensparse.train.calibrate import forward_from
 
 
 def tiny(img: int = 64, **kw) -> torch.nn.Module:
@@ -33,7 +34,7 @@ MODELS = {
 
 def force_keep(model: torch.nn.Module) -> None:
     """Bias every predictor so it keeps every token (a hard decision Gumbel noise cannot flip)."""
-    for stage in dv.stages(model).values():
+    for stage in dv.prediction_modules(model).values():
         with torch.no_grad():
             stage.predictor.out_conv[4].bias.copy_(torch.tensor([60.0, -60.0]))
 
@@ -118,7 +119,7 @@ def test_dropped_tokens_do_not_change_kept_outputs_and_grads_reach_predictors():
     t_logits, t_tokens = teacher(x)
     loss, parts = DynamicViTLoss()(logits, torch.tensor([1, 2]), outs, t_logits, t_tokens)
     loss.backward()
-    for block, stage in dv.stages(model).items():
+    for block, stage in dv.prediction_modules(model).items():
         grads = [p.grad for p in stage.predictor.parameters()]
         assert all(g is not None and torch.isfinite(g).all() for g in grads), block
         assert sum(g.abs().sum().item() for g in grads) > 0, block
@@ -126,12 +127,12 @@ def test_dropped_tokens_do_not_change_kept_outputs_and_grads_reach_predictors():
     model.zero_grad()
     logits, outs = run(False)
     DynamicViTLoss(ratio_weight=0, token_weight=0)(logits, None, outs, t_logits, t_tokens)[0].backward()
-    assert all(s.predictor.in_conv[1].weight.grad.abs().sum() > 0 for s in dv.stages(model).values())
+    assert all(s.predictor.in_conv[1].weight.grad.abs().sum() > 0 for s in dv.prediction_modules(model).values())
 
 
 def test_predictor_files_round_trip_and_errors(tmp_path):
     model = tokensparse.patch(tiny(), "dynamicvit")
-    for s in dv.stages(model).values():
+    for s in dv.prediction_modules(model).values():
         torch.nn.init.normal_(s.predictor.out_conv[4].weight)
     path = dv.save_predictors(model, tmp_path / "p.safetensors")
     other = tokensparse.patch(tiny(), "dynamicvit", predictors=str(path))
@@ -148,6 +149,10 @@ def test_predictor_files_round_trip_and_errors(tmp_path):
         tokensparse.patch(tiny(embed_dim=32), "dynamicvit", predictors=str(path))
     with pytest.raises(TokenSparseError, match="locations"):
         tokensparse.patch(tiny(), "dynamicvit:locations=[1,2]", predictors=str(path))
+    fresh = tiny()
+    with pytest.raises(TokenSparseError):
+        tokensparse.patch(fresh, "dynamicvit:locations=[1,2]", predictors=str(path))
+    assert not tokensparse.is_patched(fresh) and not any("ts_" in k for k in fresh.state_dict())
     from safetensors.torch import save_file
     save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
     with pytest.raises(TokenSparseError, match="not a DynamicViT predictors file"):
@@ -171,14 +176,11 @@ def test_calibration_drives_keep_ratios_to_targets():
     cfg = CalibrateConfig(epochs=12, batch_size=16, lr=3e-3, flip=False, warmup_epochs=0, imitation_epochs=0)
     calibrate(model, data, "dynamicvit:rho=0.7", cfg, progress=False)
     assert not model.training and model.blocks[0].attn.qkv.weight.requires_grad
-    stage_map = dv.stages(model)
+    stage_map = dv.prediction_modules(model)
     for s in stage_map.values():
         s.train()
     with torch.no_grad():
-        h = embed(model, data.tensors[0])
-        for blk in model.blocks[:1]:
-            h = blk(h)
-        forward_from(model, h, 1)
+        forward_from(model, run_to(model, data.tensors[0], 1), 1)
     ratios = dv.train_outputs(model).keep_ratios
     targets = [s.ratio for s in stage_map.values()]
     assert all(abs(r - t) <= 0.05 for r, t in zip(ratios, targets)), (ratios, targets)

@@ -278,8 +278,11 @@ def add_train_parser(subparsers: Any) -> None:
     p.add_argument("--backbone-lr-scale", type=float, default=0.01, help="backbone lr = lr x this (default: 0.01)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=5.0)
-    for name, default in (("ratio-weight", 2.0), ("distill-weight", 0.5), ("token-weight", 0.5)):
-        p.add_argument(f"--{name}", type=float, default=default, help=f"loss weight (default: {default})")
+    p.add_argument("--ratio-weight", type=float, default=None,
+                   help="ratio loss weight (default: 2.0 for ViTs, 10.0 for ConvNeXt / Swin)")
+    p.add_argument("--distill-weight", type=float, default=0.5, help="KL to the teacher's logits (default: 0.5)")
+    p.add_argument("--token-weight", type=float, default=0.5,
+                   help="MSE to the teacher's final kept tokens / feature map (default: 0.5)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="also checkpoint every N steps")
     p.add_argument("--max-steps", type=positive_int, metavar="N", help="stop after N optimiser steps in all")
@@ -355,11 +358,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     import time
 
     from .methods.dynamicvit import describe
-    from .train.calibrate import CalibrateConfig, _locations, calibrate
+    from .train.calibrate import CalibrateConfig, calibrate, method_plan
     if args.threads:
         torch.set_num_threads(args.threads)
     model = load_model(args)
-    _locations(model, args.method)  # fail fast on a bad spec
+    method_plan(model, args.method)  # fail fast on a bad spec or model
     data = _training_images(args, model, training=False)
     cfg = CalibrateConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                           flip=not args.no_flip, imitation_epochs=args.imitation_epochs, seed=args.seed)

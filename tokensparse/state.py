@@ -21,12 +21,15 @@ class LocationInfo:
         patch_to_token: ``(B, N0)`` for each original patch, the index of the token that
             now holds it, or -1 if it was dropped.
         extra: method-specific records (e.g. PPT's per-image branch choice).
+        grid: ``(H, W)`` of the ``N0`` positions when they are not the model's patch grid
+            (e.g. the third stage of a ConvNeXt or Swin), else None.
     """
     block: int
     num_prefix: int
     size: Tensor
     patch_to_token: Tensor
     extra: dict[str, Any] = field(default_factory=dict)
+    grid: Optional[tuple[int, int]] = None
 
     @property
     def num_tokens(self) -> int:

@@ -1,13 +1,19 @@
-"""DynamicViT: learned token sparsification with prediction modules (METHODS.md §5).
+"""DynamicViT: learned token sparsification with prediction modules (METHODS.md §5 and §6).
 
-A small prediction module before each location scores the patch tokens. In ``train()`` it
-samples hard keep masks (Gumbel-softmax, straight-through) and the blocks mask attention
-instead of removing tokens, so the whole thing is differentiable. In ``eval()`` the top
-``int(N0 * ratio)`` tokens by keep score are gathered and the rest dropped (real savings).
+ViT (§5): a small prediction module before each location scores the patch tokens. In
+``train()`` it samples hard keep masks (Gumbel-softmax, straight-through) and the blocks mask
+attention instead of removing tokens, so the whole thing is differentiable. In ``eval()`` the
+top ``int(N0 * ratio)`` tokens by keep score are gathered and the rest dropped (real savings).
 
-Predictor weights are ordinary parameters (``blocks.<l>.ts_reducer.predictor.*`` in the
-model's state dict); :func:`save_predictors` / the ``predictors=FILE`` option move them
-through safetensors files.
+ConvNeXt and Swin (§6, dynamic spatial sparsification): prediction modules inside the third
+stage pick, per image, the positions whose blocks take their full ("slow") path; the others
+take a cheap :class:`FastPath` (new trainable parameters). Nothing is dropped, so the feature
+map keeps its shape for dense prediction; see :mod:`tokensparse.patch.spatial`.
+
+Learned parts are ordinary parameters (``blocks.<l>.ts_reducer.predictor.*`` in a ViT's
+state dict; ``...blocks.<i>.ts_predictor.predictor.*`` and ``...blocks.<i>.ts_fast.*`` in the
+third stage of a ConvNeXt / Swin); :func:`save_predictors` and the ``predictors=FILE`` option
+move them through safetensors files.
 """
 from __future__ import annotations
 
@@ -17,14 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import timm.data
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import TokenSparseError
-from ..ops import gather_tokens, keep_assignment, topk_indices, with_prefix
+from ..ops import gather_tokens, keep_assignment, split_topk, topk_indices, with_prefix
 from ..patch.base import swap_class
-from ..patch.vit import ReducedAttention, ReducedBlock, ReducedVisionTransformer, check_vit, uninstall
+from ..patch.spatial import Route, SpatialState
+from ..patch.vit import ReducedAttention, ReducedBlock, ReducedVisionTransformer, check_vit
 from ..state import TokenState
 from .base import Method, OptionInfo, check_bool, check_keep_rate, per_location, resolve_locations
 
@@ -34,8 +42,13 @@ FILE_FORMAT = "tokensparse-dynamicvit-predictors"
 # ----------------------------------------------------------------------------- pure functions
 
 def stage_ratios(rho: float, n: int) -> list[float]:
-    """Cumulative keep ratios ``rho, rho^2, ..., rho^n`` of the original patch count."""
+    """ViT: cumulative keep ratios ``rho, rho^2, ..., rho^n`` of the original patch count."""
     return [rho ** (i + 1) for i in range(n)]
+
+
+def spatial_ratios(rho: float, n: int) -> list[float]:
+    """ConvNeXt / Swin: slow-path ratios ``rho, rho - 0.2, rho - 0.4, ...`` (not cumulative)."""
+    return [round(rho - 0.2 * i, 10) for i in range(n)]
 
 
 def keep_tokens(n0: int, ratio: float) -> int:
@@ -43,8 +56,8 @@ def keep_tokens(n0: int, ratio: float) -> int:
     return max(1, min(n0, int(n0 * ratio + 1e-6)))
 
 
-def hard_keep_mask(log_probs: Tensor, prev: Tensor, gumbel: bool = True) -> Tensor:
-    """Hard 0/1 keep mask ``(B, n, 1)`` with straight-through gradients, times ``prev``.
+def hard_keep_mask(log_probs: Tensor, prev: Optional[Tensor] = None, gumbel: bool = True) -> Tensor:
+    """Hard 0/1 keep mask ``(B, n, 1)`` with straight-through gradients, times ``prev`` if given.
 
     ``log_probs``: ``(B, n, 2)`` keep/drop log-probabilities. With ``gumbel`` the decision is
     sampled (hard Gumbel-softmax); without, it is the argmax (deterministic).
@@ -54,7 +67,7 @@ def hard_keep_mask(log_probs: Tensor, prev: Tensor, gumbel: bool = True) -> Tens
     else:
         soft = log_probs.exp()
         hard = F.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype) - soft.detach() + soft
-    return hard[..., :1] * prev
+    return hard[..., :1] if prev is None else hard[..., :1] * prev
 
 
 def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-12) -> Tensor:
@@ -147,8 +160,8 @@ class DynamicViTState(TokenState):
         return torch.cat([p.new_ones(p.shape[0], self.num_prefix), p], dim=1)
 
 
-class DynamicViTStage(nn.Module):
-    """The prediction step before one block: masks (train) or gathers (eval) patch tokens."""
+class PredictionModule(nn.Module):
+    """A :class:`Predictor` and the keep ratio it serves at one location."""
 
     def __init__(self, dim: int, ratio: float, gumbel: bool = True) -> None:
         super().__init__()
@@ -157,6 +170,13 @@ class DynamicViTStage(nn.Module):
 
     def extra_repr(self) -> str:
         return f"ratio={self.ratio:.4g}, gumbel={self.gumbel}"
+
+
+class TokenPruner(PredictionModule):
+    """ViT: the prediction step before one block; masks (train) or gathers (eval) patch tokens.
+
+    Ratios are cumulative (of the original patch count) and masks multiply the previous one.
+    """
 
     def forward(self, x: Tensor, state: DynamicViTState, block: int) -> Tensor:
         P = state.num_prefix
@@ -182,15 +202,52 @@ class DynamicViTStage(nn.Module):
         return x
 
 
+class PositionRouter(PredictionModule):
+    """ConvNeXt / Swin: picks the positions of a feature map that take the slow path.
+
+    Ratios are per location (not cumulative); the global half of the predictor averages over
+    every position. ``train()``: a hard Gumbel-softmax mask (straight-through); ``eval()``:
+    the top ``int(N * ratio)`` positions by keep score.
+    """
+
+    def forward(self, tokens: Tensor, state: SpatialState) -> Route:
+        log_probs = self.predictor(tokens)
+        if self.training:
+            mask = hard_keep_mask(log_probs, None, self.gumbel)
+            state.masks.append(mask.squeeze(-1))
+            return Route(mask=mask)
+        slow, fast = split_topk(log_probs[..., 0], keep_tokens(tokens.shape[1], self.ratio))
+        return Route(slow_idx=slow, fast_idx=fast)
+
+
+class FastPath(nn.Module):
+    """The cheap path of unimportant positions: LayerNorm -> Linear(C, C), times a layer scale.
+
+    The layer scale starts at ``init_scale`` (1e-6, as the authors'), so an untrained fast
+    path leaves its positions almost unchanged.
+    """
+
+    def __init__(self, dim: int, init_scale: float = 1e-6) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), init_scale))
+        nn.init.trunc_normal_(self.proj.weight, std=0.02)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.norm(x)) * self.gamma
+
+
 class DynamicViTBlock(ReducedBlock):
-    """timm ``Block`` with a DynamicViT stage *before* it and policy-masked attention in training."""
+    """timm ``Block`` with a :class:`TokenPruner` *before* it and policy-masked attention in training."""
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
         if attn_mask is not None or is_causal:
             raise TokenSparseError("token reduction does not support attention masks or causal attention")
         state: DynamicViTState = self._ts_state
         state.ensure_started(x)
-        stage: Optional[DynamicViTStage] = getattr(self, "ts_reducer", None)
+        stage: Optional[TokenPruner] = getattr(self, "ts_reducer", None)
         if stage is not None:
             x = stage(x, state, self._ts_index)
         policy = state.attn_policy()
@@ -225,14 +282,18 @@ class DynamicViTModel(ReducedVisionTransformer):
 class DynamicViTOutputs:
     """What a training-mode forward exposes to :class:`tokensparse.train.DynamicViTLoss`.
 
-    ``masks``: per location ``(B, N0)`` keep masks (straight-through gradients);
-    ``targets``: their target keep ratios; ``features``: ``(B, N, C)`` final tokens (all
-    tokens, original order); ``num_prefix``: prefix tokens at the front of ``features``.
+    ``masks``: per location ``(B, N)`` keep masks (straight-through gradients); ``targets``:
+    their target keep ratios; ``features``: ``(B, N, C)`` final tokens (ViT: all tokens in the
+    original order; ConvNeXt / Swin: the positions of the final feature map); ``num_prefix``:
+    prefix tokens at the front of ``features``; ``feature_mask``: ``(B, N - num_prefix)`` which
+    final tokens the token distillation covers (ViT: the kept ones), None for all of them
+    (ConvNeXt / Swin: feature-map distillation).
     """
     masks: list[Tensor]
     targets: list[float]
     features: Tensor
     num_prefix: int
+    feature_mask: Optional[Tensor] = None
 
     @property
     def keep_ratios(self) -> list[float]:
@@ -240,46 +301,83 @@ class DynamicViTOutputs:
         return [m.detach().float().mean().item() for m in self.masks]
 
 
-def stages(model: nn.Module) -> dict[int, DynamicViTStage]:
-    """``{block: stage}`` of a model patched with ``dynamicvit`` (error otherwise)."""
-    found = {i: blk.ts_reducer for i, blk in enumerate(getattr(model, "blocks", []))
-             if isinstance(getattr(blk, "ts_reducer", None), DynamicViTStage)}
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+def _blocks(model: nn.Module) -> nn.Module:
+    """The blocks that carry DynamicViT's parts: a ViT's blocks, a hierarchical model's third stage."""
+    from ..patch import family_module, model_family
+    try:
+        family = model_family(model)
+    except TokenSparseError:
+        return nn.ModuleList()
+    return model.blocks if family == "vit" else family_module(model).routed_stage(model).blocks
+
+
+def prediction_modules(model: nn.Module) -> dict[int, PredictionModule]:
+    """``{block: prediction module}`` of a model patched with ``dynamicvit`` (error otherwise).
+
+    For ConvNeXt and Swin, ``block`` indexes the blocks of the third stage.
+    """
+    found = {}
+    for i, blk in enumerate(_blocks(_unwrap(model))):
+        module = blk._modules.get("ts_reducer") or blk._modules.get("ts_predictor")
+        if isinstance(module, PredictionModule):
+            found[i] = module
     if not found:
         raise TokenSparseError("model is not patched with 'dynamicvit' (call tokensparse.patch(model, 'dynamicvit'))")
     return found
 
 
+def learned_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every trainable part DynamicViT adds, by name: ``blocks.<i>.predictor`` and ``blocks.<i>.fast``."""
+    parts: dict[str, nn.Module] = {f"blocks.{i}.predictor": m.predictor for i, m in prediction_modules(model).items()}
+    for i, blk in enumerate(_blocks(_unwrap(model))):
+        if isinstance(blk._modules.get("ts_fast"), FastPath):
+            parts[f"blocks.{i}.fast"] = blk.ts_fast
+    return parts
+
+
+def learned_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of every prediction module and fast path."""
+    return [p for m in learned_modules(model).values() for p in m.parameters()]
+
+
 def train_outputs(model: nn.Module) -> DynamicViTOutputs:
     """The masks and final tokens of the last training-mode forward of a ``dynamicvit`` model."""
-    model = getattr(model, "module", model)  # DistributedDataParallel
-    st = stages(model)
+    model = _unwrap(model)
+    targets = [m.ratio for m in prediction_modules(model).values()]
     state = model._ts_state
     if not state.masks or state.features is None:
-        raise TokenSparseError("no training-mode forward recorded: call model.train() and run a forward pass first")
-    return DynamicViTOutputs(list(state.masks), [s.ratio for s in st.values()], state.features, state.num_prefix)
+        raise TokenSparseError("no training-mode forward of a full model recorded: call model.train() and run a "
+                               "forward pass first (features_only models cannot be trained with the losses)")
+    feature_mask = state.masks[-1] if isinstance(state, DynamicViTState) else None
+    return DynamicViTOutputs(list(state.masks), targets, state.features, state.num_prefix, feature_mask)
 
 
-def predictor_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of every prediction module."""
-    return [p for s in stages(getattr(model, "module", model)).values() for p in s.predictor.parameters()]
+def default_ratio_weight(model: nn.Module) -> float:
+    """The ratio-loss weight of the authors' recipes: 2.0 for ViTs, 10.0 for ConvNeXt / Swin."""
+    from ..patch import model_family
+    return 2.0 if model_family(_unwrap(model)) == "vit" else 10.0
 
 
 # ----------------------------------------------------------------------------- files
 
-def predictor_state(model: nn.Module) -> dict[str, Tensor]:
-    """``{"blocks.<l>.<param>": tensor}`` of every predictor (as saved in files)."""
-    return {f"blocks.{i}.{k}": v.detach().cpu().contiguous()
-            for i, s in stages(getattr(model, "module", model)).items() for k, v in s.predictor.state_dict().items()}
+def learned_state(model: nn.Module) -> dict[str, Tensor]:
+    """``{"blocks.<i>.predictor.<param>" / "blocks.<i>.fast.<param>": tensor}`` (as saved in files)."""
+    return {f"{name}.{k}": v.detach().cpu().contiguous()
+            for name, module in learned_modules(model).items() for k, v in module.state_dict().items()}
 
 
 def save_predictors(model: nn.Module, path: str | Path) -> Path:
-    """Write the predictors of a ``dynamicvit`` model to a safetensors file (atomically)."""
+    """Write the learned parts of a ``dynamicvit`` model to a safetensors file (atomically)."""
     from safetensors.torch import save_file
+    from ..patch import model_family
     path = Path(path).expanduser()
-    tensors = predictor_state(model)
-    locs = sorted(stages(getattr(model, "module", model)))
-    meta = {"format": FILE_FORMAT, "locations": ",".join(map(str, locs)),
-            "embed_dim": str(next(iter(tensors.values())).shape[-1])}
+    tensors = learned_state(model)
+    meta = {"format": FILE_FORMAT, "family": model_family(_unwrap(model)),
+            "locations": ",".join(map(str, sorted(prediction_modules(model))))}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -295,8 +393,8 @@ def save_predictors(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def read_predictors(path: str | Path) -> dict[int, dict[str, Tensor]]:
-    """``{block: predictor state dict}`` from a file written by :func:`save_predictors`."""
+def read_predictors(path: str | Path) -> dict[str, dict[str, Tensor]]:
+    """``{part name: state dict}`` from a file written by :func:`save_predictors`."""
     from safetensors import safe_open
     p = Path(path).expanduser()
     if not p.is_file():
@@ -313,43 +411,48 @@ def read_predictors(path: str | Path) -> dict[int, dict[str, Tensor]]:
         raise TokenSparseError(
             f"{str(p)!r} is not a DynamicViT predictors file (write one with "
             f"tokensparse.methods.dynamicvit.save_predictors or 'tokensparse calibrate')")
-    out: dict[int, dict[str, Tensor]] = {}
+    out: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
-        head, block, rest = (key.split(".", 2) + ["", ""])[:3]
-        if head != "blocks" or not block.isdigit() or not rest:
+        parts = key.split(".", 3)
+        if len(parts) != 4 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in ("predictor", "fast"):
             raise TokenSparseError(f"predictors file {str(p)!r} has an unexpected key {key!r}")
-        out.setdefault(int(block), {})[rest] = value
+        out.setdefault(".".join(parts[:3]), {})[parts[3]] = value
     return out
 
 
-def load_predictors(stage_map: dict[int, DynamicViTStage], path: str | Path) -> None:
-    """Load a predictors file into ``stage_map``; clear error if it does not fit."""
+def load_predictors(parts: dict[str, nn.Module], path: str | Path) -> None:
+    """Load a predictors file into ``parts`` (see :func:`learned_modules`); clear error if it does not fit."""
     from ..models import describe_mismatch
     saved = read_predictors(path)
-    if sorted(saved) != sorted(stage_map):
+    if sorted(saved) != sorted(parts):
         raise TokenSparseError(
-            f"predictors file {str(path)!r} has predictors before blocks {sorted(saved)}, but the "
-            f"method is configured for locations {sorted(stage_map)} (set locations=[...] to match)")
-    for block, state in saved.items():
-        predictor = stage_map[block].predictor
-        mismatch = describe_mismatch(predictor, state)
+            f"predictors file {str(path)!r} holds {', '.join(sorted(saved))}, but the method is configured "
+            f"with {', '.join(sorted(parts))} (set locations=[...] to match the file)")
+    for name, state in saved.items():
+        mismatch = describe_mismatch(parts[name], state)
         if mismatch:
-            raise TokenSparseError(
-                f"predictors file {str(path)!r} does not fit this model at block {block}: {mismatch}")
-        predictor.load_state_dict(state)
+            raise TokenSparseError(f"predictors file {str(path)!r} does not fit this model at {name}: {mismatch}")
+        parts[name].load_state_dict(state)
 
 
 # ----------------------------------------------------------------------------- the method
 
 class DynamicViT(Method):
     name = "dynamicvit"
-    summary = ("DynamicViT: learned prediction modules drop uninformative tokens (needs trained predictors: "
-               "'tokensparse calibrate' or 'tokensparse train'; random ones otherwise)")
+    summary = ("DynamicViT: learned prediction modules drop uninformative tokens (ViT) or send unimportant "
+               "positions down a cheap fast path (ConvNeXt, Swin); needs trained predictors ('tokensparse "
+               "calibrate' or 'tokensparse train'), random ones otherwise")
+    families = ("vit", "convnext", "swin")
     options = (
-        OptionInfo("rho", 0.7, "base keep ratio: locations keep rho, rho^2, rho^3, ... of the original patches"),
-        OptionInfo("ratios", None, "explicit cumulative keep ratios, one per location (overrides rho)"),
-        OptionInfo("locations", None, "block indices the predictors run before; default 1/4, 1/2, 3/4 of the depth"),
-        OptionInfo("predictors", None, "safetensors file with trained predictors (default: random initialisation)"),
+        OptionInfo("rho", 0.7, "base keep ratio: ViT locations keep rho, rho^2, rho^3, ... of the original patches; "
+                               "ConvNeXt / Swin locations send rho, rho-0.2, rho-0.4, ... of the positions down the "
+                               "slow path"),
+        OptionInfo("ratios", None, "explicit keep ratios, one per location, non-increasing (overrides rho)"),
+        OptionInfo("locations", None, "block indices the predictors run before; default ViT: 1/4, 1/2, 3/4 of the "
+                                      "depth; ConvNeXt / Swin: blocks 1, 2, 3 of the third stage (3, 6, 9 / 2, 4, 6 "
+                                      "for deep third stages)"),
+        OptionInfo("predictors", None, "safetensors file with trained predictors (and fast paths); default: random "
+                                       "initialisation"),
         OptionInfo("gumbel", True, "training: sample keep masks with Gumbel noise (false: deterministic argmax)"),
     )
 
@@ -361,33 +464,64 @@ class DynamicViT(Method):
             for r in ratios:
                 check_keep_rate(r, "ratios")
             if any(b > a for a, b in zip(ratios, ratios[1:])):
-                raise TokenSparseError(f"ratios are cumulative and must not increase, got {list(ratios)}")
+                raise TokenSparseError(f"ratios must not increase from one location to the next, got {list(ratios)}")
         check_bool(c["gumbel"], "gumbel")
         if c["predictors"] is not None and not isinstance(c["predictors"], (str, Path)):
             raise TokenSparseError(f"predictors must be a file path, got {c['predictors']!r}")
 
-    def schedule(self, depth: int) -> dict[int, float]:
-        """``{block: cumulative keep ratio}`` for a model with ``depth`` blocks."""
+    def schedule(self, depth: int, spatial: bool = False,
+                 default_locations: Optional[list[int]] = None) -> dict[int, float]:
+        """``{block: keep ratio}`` for ``depth`` blocks (a ViT, or the third stage if ``spatial``)."""
         c = self.config
-        locs = resolve_locations(c["locations"], depth)
-        ratios = stage_ratios(c["rho"], len(locs)) if c["ratios"] is None else \
-            per_location(c["ratios"], len(locs), "ratios")
+        if c["locations"] is None and default_locations is not None:
+            if not default_locations:
+                raise TokenSparseError(f"the third stage has {depth} block(s): too few for a predictor location")
+            locs = default_locations
+        else:
+            locs = resolve_locations(c["locations"], depth)
+        if c["ratios"] is not None:
+            ratios = per_location(c["ratios"], len(locs), "ratios")
+        elif spatial:
+            ratios = spatial_ratios(c["rho"], len(locs))
+            if ratios[-1] <= 0:
+                raise TokenSparseError(
+                    f"rho={c['rho']} gives a slow-path ratio of {ratios[-1]:.2g} at the last of {len(locs)} locations "
+                    f"(rho - 0.2 per location): use rho > {0.2 * (len(locs) - 1):.1f} or explicit ratios")
+        else:
+            ratios = stage_ratios(c["rho"], len(locs))
         return dict(zip(locs, (float(r) for r in ratios)))
 
-    def build_stages(self, model: nn.Module) -> dict[int, DynamicViTStage]:
-        """Fresh (or loaded) stages on the model's device and dtype."""
-        ref = next(model.parameters())
-        out = {l: DynamicViTStage(model.embed_dim, r, self.config["gumbel"]).to(ref.device, ref.dtype)
-               for l, r in self.schedule(len(model.blocks)).items()}
-        if self.config["predictors"] is not None:
-            load_predictors(out, self.config["predictors"])
-        for s in out.values():
-            s.train(model.training)
-        return out
+    def plan(self, model: nn.Module) -> dict[int, float]:
+        """``{block: keep ratio}`` on ``model`` (for ConvNeXt / Swin: blocks of the third stage)."""
+        from ..patch import family_module, model_family
+        if model_family(model) == "vit":
+            return self.schedule(len(model.blocks))
+        family = family_module(model)
+        depth = len(family.routed_stage(model).blocks)
+        return self.schedule(depth, spatial=True, default_locations=family.default_locations(depth))
 
     def apply(self, model: nn.Module) -> None:
+        from ..patch import model_family
+        if model_family(model) == "vit":
+            self.apply_vit(model)
+        else:
+            self.apply_spatial(model)
+
+    def _finish_parts(self, model: nn.Module, parts: dict[str, nn.Module]) -> None:
+        """Move new parts to the model's device, dtype and mode; load a predictors file into them."""
+        ref = next(model.parameters())
+        for module in parts.values():
+            module.to(ref.device, ref.dtype).train(model.training)
+        if self.config["predictors"] is not None:
+            load_predictors(parts, self.config["predictors"])
+
+    def apply_vit(self, model: nn.Module) -> None:
+        """A :class:`TokenPruner` before each location of a timm ViT."""
         check_vit(model, False, self.name)
-        built = self.build_stages(model)
+        pruners = {l: TokenPruner(model.embed_dim, r, self.config["gumbel"]) for l, r in self.plan(model).items()}
+        self._finish_parts(model, {f"blocks.{l}.predictor": m.predictor for l, m in pruners.items()})
+        for m in pruners.values():
+            m.train(model.training)
         state = DynamicViTState(num_prefix=model.num_prefix_tokens)
         swap_class(model, DynamicViTModel)
         model._ts_state = state
@@ -396,16 +530,45 @@ class DynamicViT(Method):
             swap_class(blk.attn, ReducedAttention)
             blk._ts_state = state
             blk._ts_index = i
-            if i in built:
-                blk.ts_reducer = built[i]
+            if i in pruners:
+                blk.ts_reducer = pruners[i]
+
+    def apply_spatial(self, model: nn.Module) -> None:
+        """A :class:`PositionRouter` before each location of the third stage, fast paths from the first on."""
+        from ..patch import family_module
+        family = family_module(model)
+        stage = family.routed_stage(model)
+        family.check_blocks(stage, self.name)
+        depth, dim = len(stage.blocks), family.width(stage)
+        sched = self.plan(model)
+        routers = {l: PositionRouter(dim, r, self.config["gumbel"]) for l, r in sched.items()}
+        fast = {i: FastPath(dim) for i in range(min(sched), depth)}
+        parts = {f"blocks.{l}.predictor": m.predictor for l, m in routers.items()}
+        parts.update({f"blocks.{i}.fast": m for i, m in fast.items()})
+        self._finish_parts(model, parts)
+        for m in routers.values():
+            m.train(model.training)
+        family.install(model, routers, fast)
 
     def remove(self, model: nn.Module) -> None:
-        uninstall(model)
+        from ..patch import family_module
+        family_module(model).uninstall(model)
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
-    """Locations, keep ratios and token counts of a ``dynamicvit`` model (for logs)."""
-    st = stages(model)
-    n0 = model.patch_embed.num_patches if hasattr(model, "patch_embed") else None
-    return {"locations": list(st), "ratios": [s.ratio for s in st.values()],
-            "tokens": [keep_tokens(n0, s.ratio) for s in st.values()] if n0 else None}
+    """Locations, keep ratios and kept token (or slow position) counts of a ``dynamicvit`` model, for logs.
+
+    Counts are for the model's default input size.
+    """
+    from ..patch import model_family
+    modules = prediction_modules(model)
+    model = _unwrap(model)
+    if model_family(model) == "vit":
+        n = model.patch_embed.num_patches
+    else:
+        size = timm.data.resolve_data_config({}, model=model)["input_size"]
+        info = model.feature_info
+        reduction = (info.get_dicts() if hasattr(info, "get_dicts") else info)[2]["reduction"]
+        n = (size[1] // reduction) * (size[2] // reduction)
+    return {"locations": list(modules), "ratios": [m.ratio for m in modules.values()],
+            "tokens": [keep_tokens(n, m.ratio) for m in modules.values()]}

@@ -1,6 +1,8 @@
 """Selection primitives: top-k of scores, gathering tokens, fusing dropped tokens."""
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import Tensor
 
@@ -47,3 +49,29 @@ def keep_assignment(keep: Tensor, n_old: int, num_prefix: int) -> Tensor:
     assign = keep.new_full((B, n_old), -1)
     pos = torch.arange(K, device=keep.device).expand(B, -1)
     return assign.scatter(1, keep, pos)
+
+
+def route_tokens(x: Tensor, slow_fn: Callable[[Tensor], Tensor], fast_fn: Callable[[Tensor], Tensor],
+                 mask: Optional[Tensor] = None, slow_idx: Optional[Tensor] = None,
+                 fast_idx: Optional[Tensor] = None) -> Tensor:
+    """Send each of the tokens ``x`` ``(B, N, C)`` through ``slow_fn`` or ``fast_fn``, in place.
+
+    Either ``mask`` ``(B, N, 1)`` (1: slow, 0: fast; differentiable: both functions run on
+    every token and the result is ``mask * slow + (1 - mask) * fast``), or index tensors
+    ``slow_idx`` ``(B, K)`` (ascending) and ``fast_idx`` ``(B, N - K)``: each function runs on
+    its gathered tokens only and the results are scattered back to their positions (real
+    savings; with ``K == N`` the slow function runs on ``x`` itself). Both functions map
+    ``(B, n, C)`` to ``(B, n, C')``; the output is ``(B, N, C')``.
+    """
+    if mask is not None:
+        return mask * slow_fn(x) + (1 - mask) * fast_fn(x)
+    if slow_idx is None or fast_idx is None:
+        raise ValueError("route_tokens needs a mask or both slow_idx and fast_idx")
+    if fast_idx.shape[1] == 0:
+        return slow_fn(x)
+    slow = slow_fn(gather_tokens(x, slow_idx))
+    fast = fast_fn(gather_tokens(x, fast_idx))
+    out = slow.new_empty(x.shape[0], x.shape[1], slow.shape[-1], dtype=torch.promote_types(slow.dtype, fast.dtype))
+    out.scatter_(1, slow_idx.unsqueeze(-1).expand(-1, -1, out.shape[-1]), slow.to(out.dtype))
+    out.scatter_(1, fast_idx.unsqueeze(-1).expand(-1, -1, out.shape[-1]), fast.to(out.dtype))
+    return out

@@ -1,6 +1,7 @@
 """Model-family patches and the public ``patch`` / ``unpatch`` / ``info`` entry points."""
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 from torch import nn
@@ -9,16 +10,40 @@ from ..errors import TokenSparseError
 from ..state import LocationInfo
 from .base import restore_classes
 
-SUPPORTED_FAMILIES = {"vit": "timm VisionTransformer (ViT, DeiT, distilled DeiT, AugReg, register-token ViTs)"}
+SUPPORTED_FAMILIES = {
+    "vit": "timm VisionTransformer (ViT, DeiT, distilled DeiT, AugReg, register-token ViTs)",
+    "convnext": "timm ConvNeXt (v1), full or features_only",
+    "swin": "timm SwinTransformer (v1), full or features_only",
+}
+
+
+def _wraps(model: nn.Module, stage_cls: type) -> bool:
+    """Whether ``model`` is a timm ``features_only`` wrapper around stages of ``stage_cls``."""
+    from timm.models._features import FeatureDictNet, FeatureGetterNet
+    if not isinstance(model, (FeatureDictNet, FeatureGetterNet)):
+        return False
+    return any(isinstance(m, stage_cls) for m in model.modules())
 
 
 def model_family(model: nn.Module) -> str:
-    """The family name of a timm model (``"vit"``), or a clear error naming the supported ones."""
+    """The family name of a timm model (see ``SUPPORTED_FAMILIES``), or a clear error naming them."""
+    from timm.models.convnext import ConvNeXt, ConvNeXtStage
+    from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage
     from timm.models.vision_transformer import VisionTransformer
     if isinstance(model, VisionTransformer):
         return "vit"
+    if isinstance(model, ConvNeXt) or _wraps(model, ConvNeXtStage):
+        return "convnext"
+    if isinstance(model, SwinTransformer) or _wraps(model, SwinTransformerStage):
+        return "swin"
     supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_FAMILIES.items())
     raise TokenSparseError(f"model family not supported: {type(model).__name__}. Supported: {supported}")
+
+
+def family_module(model: nn.Module) -> ModuleType:
+    """The patch module of ``model``'s family (``tokensparse.patch.vit``, ``.convnext``, ``.swin``)."""
+    import importlib
+    return importlib.import_module(f"{__name__}.{model_family(model)}")
 
 
 def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:

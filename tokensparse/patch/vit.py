@@ -155,3 +155,32 @@ def uninstall(model: VisionTransformer) -> None:
         for attr in ("_ts_state", "_ts_index"):
             blk.__dict__.pop(attr, None)
     model.__dict__.pop("_ts_state", None)
+
+
+# ----------------------------------------------------------------------------- running part of a model
+
+def feature_tokens(features: Tensor) -> Tensor:
+    """A ViT's ``forward_features`` output already is ``(B, N, C)`` tokens."""
+    return features
+
+
+def run_to(model: VisionTransformer, x: Tensor, start: int) -> Tensor:
+    """The tokens entering block ``start`` (patch + position embedding, pre-norm, blocks before)."""
+    x = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    for blk in model.blocks[:start]:
+        x = blk(x)
+    return x
+
+
+def features_from(model: VisionTransformer, h: Tensor, start: int) -> Tensor:
+    """``forward_features`` from the tokens ``h`` entering block ``start`` (records the pass)."""
+    state = model.__dict__.get("_ts_state")
+    if state is not None:
+        state.finish()
+    try:
+        for blk in model.blocks[start:]:
+            h = blk(h)
+        return model.norm(h)
+    finally:
+        if state is not None:
+            state.finish()

@@ -1,20 +1,22 @@
-"""Fast calibration: train only the DynamicViT predictors on unlabelled images, backbone frozen.
+"""Fast calibration: train only DynamicViT's new parts on unlabelled images, backbone frozen.
 
-The unreduced model is the teacher. Because the backbone is frozen and the blocks before
-the first location are unchanged, each image goes through those blocks and through the
-teacher exactly once: the tokens entering the first location, the teacher's logits and its
-final patch tokens are cached, and every epoch only runs the blocks from the first location
-on (masked attention, gradients flowing to the predictors only). Loss: KL to the teacher's
-logits + MSE to its final kept patch tokens + ratio loss (no labels needed).
+The new parts are the prediction modules (and, in ConvNeXt / Swin, the fast paths). The
+unreduced model is the teacher. Because the backbone is frozen and everything before the
+first location is unchanged, each image goes through that part and through the teacher
+exactly once: the tokens (or feature map) entering the first location, the teacher's logits
+and its final tokens (or feature map) are cached, and every epoch only runs the model from the
+first location on (gradients flowing to the new parts only). Loss: KL to the teacher's
+logits + MSE to its final kept patch tokens (ViT) or its final feature map (ConvNeXt / Swin)
++ ratio loss (no labels needed).
 
-Before that, an optional cheap warm start (``imitation_epochs``) teaches each predictor to
-rank tokens like the teacher's class attention at its block, using the cached teacher tokens
-(no block runs): few hundred images are far too few to learn token importance from the
-end-to-end loss alone, and this starts the predictors from the training-free ranking.
+For ViTs with a class token, an optional cheap warm start (``imitation_epochs``) first teaches
+each predictor to rank tokens like the teacher's class attention at its block, using cached
+teacher tokens (no block runs): a few hundred images are far too few to learn token
+importance from the end-to-end loss alone, and this starts the predictors from the
+training-free ranking.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -33,10 +35,12 @@ from .losses import DynamicViTLoss, Teacher
 class CalibrateConfig:
     """Calibration options. ``flip``: also cache horizontally flipped images (2x data).
 
+    ``ratio_weight`` None: the authors' weight for the model (2.0 ViT, 10.0 ConvNeXt / Swin).
+
     ``imitation_epochs``: before the end-to-end distillation (``epochs``), warm-start each
     predictor to rank tokens like the teacher's class attention at its block (top-k
     membership as the keep label; cheap: predictors only, on cached teacher tokens).
-    0 turns this off (and it is skipped for models without a class token).
+    0 turns this off (and it is skipped for models without a class token, ConvNeXt and Swin).
     """
     epochs: int = 3
     batch_size: int = 32
@@ -44,7 +48,7 @@ class CalibrateConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr: float = 1e-5
-    ratio_weight: float = 2.0
+    ratio_weight: Optional[float] = None
     distill_weight: float = 0.5
     token_weight: float = 0.5
     flip: bool = True
@@ -64,7 +68,7 @@ class CalibrateConfig:
 
 @dataclass
 class TeacherCache:
-    """Per image: tokens entering block ``start``, teacher logits and final patch tokens.
+    """Per image: tokens (or feature map) entering block ``start``, teacher logits and final tokens.
 
     ``stage_tokens`` / ``stage_scores``: per location, the teacher's patch tokens entering
     that block and its head-averaged class attention over them (imitation warm-start).
@@ -78,11 +82,6 @@ class TeacherCache:
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
-
-
-def embed(model: nn.Module, x: Tensor) -> Tensor:
-    """A timm ViT's tokens entering block 0 (patch + position embedding, pre-norm)."""
-    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
 
 
 def block_class_attention(block: nn.Module, x: Tensor) -> Tensor:
@@ -101,10 +100,12 @@ def cache_teacher(model: nn.Module, dataset: Dataset, locations: list[int], batc
                   device: torch.device, num_workers: int = 0, imitation: bool = True,
                   progress: Optional[Callable[[int], None]] = None) -> TeacherCache:
     """Run the unreduced ``model`` once over ``dataset`` (and its mirror images if ``flip``)."""
+    from ..patch import family_module, model_family
     model.eval()
-    P = model.num_prefix_tokens
+    family = family_module(model)
+    P = getattr(model, "num_prefix_tokens", 0)
     start = min(locations)
-    imitation = imitation and getattr(model, "has_class_token", False)
+    imitation = imitation and model_family(model) == "vit" and getattr(model, "has_class_token", False)
     inputs, logits, tokens = [], [], []
     stage_tokens: list[list[Tensor]] = [[] for _ in locations]
     stage_scores: list[list[Tensor]] = [[] for _ in locations]
@@ -112,26 +113,30 @@ def cache_teacher(model: nn.Module, dataset: Dataset, locations: list[int], batc
         images = images.to(device)
         views = [images, images.flip(-1)] if flip else [images]
         for view in views:
-            h = embed(model, view)
-            for i, blk in enumerate(model.blocks):
-                if i == start:
-                    inputs.append(h.cpu())
-                if imitation and i in locations:
-                    j = locations.index(i)
-                    stage_tokens[j].append(h[:, P:].cpu())
-                    stage_scores[j].append(block_class_attention(blk, h)[:, P:].cpu())
-                h = blk(h)
-            feats = model.norm(h)
+            if imitation:  # walk the blocks one by one, keeping what the warm start needs at each location
+                h = family.run_to(model, view, 0)
+                for i, blk in enumerate(model.blocks):
+                    if i == start:
+                        inputs.append(h.cpu())
+                    if i in locations:
+                        j = locations.index(i)
+                        stage_tokens[j].append(h[:, P:].cpu())
+                        stage_scores[j].append(block_class_attention(blk, h)[:, P:].cpu())
+                    h = blk(h)
+                feats = model.norm(h)
+            else:
+                h = family.run_to(model, view, start)
+                inputs.append(h.cpu())
+                feats = family.features_from(model, h, start)
             logits.append(model.forward_head(feats).cpu())
-            tokens.append(feats[:, P:].cpu())
+            tokens.append(family.feature_tokens(feats).cpu())
         if progress is not None:
             progress(len(images))
-    cat = [torch.cat(t) for t in stage_tokens if t]
-    return TeacherCache(start, torch.cat(inputs), torch.cat(logits), torch.cat(tokens), cat,
-                        [torch.cat(t) for t in stage_scores if t])
+    return TeacherCache(start, torch.cat(inputs), torch.cat(logits), torch.cat(tokens),
+                        [torch.cat(t) for t in stage_tokens if t], [torch.cat(t) for t in stage_scores if t])
 
 
-def imitate_class_attention(stage_map: dict[int, "dv.DynamicViTStage"], cache: TeacherCache, epochs: int,
+def imitate_class_attention(stage_map: dict[int, "dv.PredictionModule"], cache: TeacherCache, epochs: int,
                             lr: float, batch_size: int, seed: int, device: torch.device,
                             progress: Optional[Callable[[int], None]] = None) -> None:
     """Warm-start predictors: keep label = top-k of the teacher's class attention at each location."""
@@ -159,29 +164,24 @@ def imitate_class_attention(stage_map: dict[int, "dv.DynamicViTStage"], cache: T
 
 
 def forward_from(model: nn.Module, h: Tensor, start: int) -> Tensor:
-    """Logits of a patched model run from block ``start`` on tokens ``h``; records the state."""
-    state = model._ts_state
-    state.finish()
-    try:
-        for blk in model.blocks[start:]:
-            h = blk(h)
-        feats = model.norm(h)
-        logits = model.forward_head(feats)
-        state.features = feats
-    finally:
-        state.finish()
-    return logits
+    """Logits of a patched model run from block ``start`` on ``h``; records its final tokens."""
+    from ..patch import family_module
+    family = family_module(model)
+    features = family.features_from(model, h, start)
+    model._ts_state.features = family.feature_tokens(features)
+    return model.forward_head(features)
 
 
 def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
               config: Optional[CalibrateConfig] = None, out: str | Path | None = None,
               progress: bool = True, device: str = "cpu") -> nn.Module:
-    """Train DynamicViT predictors for ``model`` by distillation from its unreduced self.
+    """Train DynamicViT's new parts for ``model`` by distillation from its unreduced self.
 
-    ``model``: an unpatched timm ViT with trained weights (patched here with ``method``, e.g.
-    ``"dynamicvit:rho=0.7"``), or one already patched with ``dynamicvit``. ``dataset`` items
-    are ``(image tensor, anything)``: labels are not used. Writes the predictors to ``out``
-    (safetensors) if given. Returns the patched model in eval mode (see :func:`timed_calibrate`).
+    ``model``: an unpatched timm ViT, ConvNeXt or Swin classifier with trained weights
+    (patched here with ``method``, e.g. ``"dynamicvit:rho=0.7"``), or one already patched with
+    ``dynamicvit``. ``dataset`` items are ``(image tensor, anything)``: labels are not used.
+    Writes the learned parts to ``out`` (safetensors) if given. Returns the patched model in
+    eval mode.
     """
     import tokensparse
     from ..measure._common import progress_bar, resolve_device
@@ -189,15 +189,15 @@ def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
     cfg.validate()
     dev = resolve_device(device)
     if tokensparse.is_patched(model):
-        dv.stages(model)
+        locations = sorted(dv.prediction_modules(model))
         base = Teacher(model).model
     else:
+        locations = sorted(method_plan(model, method))
         base = model
     if len(dataset) == 0:
         raise TokenSparseError("calibration needs at least one image")
     base.to(dev)
     seed_everything(cfg.seed)
-    locations = _locations(model, method) if not tokensparse.is_patched(model) else sorted(dv.stages(model))
     imitation = cfg.imitation_epochs > 0
     with progress_bar("teacher", len(dataset), progress) as advance:
         cache = cache_teacher(base, dataset, locations, cfg.batch_size, cfg.flip, dev, cfg.num_workers,
@@ -205,10 +205,10 @@ def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
     if not tokensparse.is_patched(model):
         tokensparse.patch(model, method)
     model.to(dev)
-    stage_map = dv.stages(model)
+    stage_map = dv.prediction_modules(model)
     start = min(stage_map)
     model.eval().requires_grad_(False)
-    params = dv.predictor_parameters(model)
+    params = dv.learned_parameters(model)
     for s in stage_map.values():
         s.train()
     for p in params:
@@ -225,7 +225,8 @@ def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
     total = per_epoch * cfg.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(round(cfg.warmup_epochs * per_epoch), total, cfg.min_lr / cfg.lr))
-    loss_fn = DynamicViTLoss(cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, ce_weight=0.0)
+    ratio_weight = dv.default_ratio_weight(model) if cfg.ratio_weight is None else cfg.ratio_weight
+    loss_fn = DynamicViTLoss(ratio_weight, cfg.distill_weight, cfg.token_weight, ce_weight=0.0)
     step = 0
     try:
         with progress_bar("calibrate", total, progress) as advance:
@@ -236,8 +237,7 @@ def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
                     seed_everything(mix_seed(cfg.seed, step, 11))
                     logits = forward_from(model, cache.inputs[idx].to(dev), start)
                     outputs = dv.train_outputs(model)
-                    loss, _ = loss_fn(logits, None, outputs, cache.logits[idx].to(dev),
-                                      _with_prefix_pad(cache.tokens[idx].to(dev), outputs.num_prefix))
+                    loss, _ = loss_fn(logits, None, outputs, cache.logits[idx].to(dev), cache.tokens[idx].to(dev))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -252,25 +252,19 @@ def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
     return model
 
 
-def _locations(model: nn.Module, method: str) -> list[int]:
-    """The blocks ``method`` (a dynamicvit spec) puts predictors before on ``model``."""
+def method_plan(model: nn.Module, method: str) -> dict[int, float]:
+    """``{block: keep ratio}`` that ``method`` (a dynamicvit spec) gives ``model``; clear error otherwise."""
     from ..methods import get_method
+    from ..patch import model_family
     from ..spec import parse_spec
     name, options = parse_spec(method)
     if name != "dynamicvit":
         raise TokenSparseError(f"calibration supports the learned method 'dynamicvit', got {name!r}")
-    return list(get_method(name)(**options).schedule(len(model.blocks)))
-
-
-def _with_prefix_pad(tokens: Tensor, num_prefix: int) -> Tensor:
-    """Teacher patch tokens ``(B, N0, C)`` padded in front to the full sequence length."""
-    if num_prefix == 0:
-        return tokens
-    return torch.cat([tokens.new_zeros(tokens.shape[0], num_prefix, tokens.shape[2]), tokens], dim=1)
-
-
-def timed_calibrate(*args, **kwargs) -> tuple[nn.Module, float]:
-    """:func:`calibrate` and its wall-clock seconds."""
-    t0 = time.perf_counter()
-    model = calibrate(*args, **kwargs)
-    return model, time.perf_counter() - t0
+    method_obj = get_method(name)(**options)
+    family = model_family(model)
+    if family not in method_obj.families:
+        raise TokenSparseError(f"method 'dynamicvit' does not support {family} models; it supports: "
+                               f"{', '.join(method_obj.families)}")
+    if not hasattr(model, "forward_head"):
+        raise TokenSparseError("calibration needs a full classifier (with its head), not a features_only model")
+    return method_obj.plan(model)

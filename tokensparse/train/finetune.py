@@ -40,8 +40,10 @@ CHECKPOINT_VERSION = 1
 class TrainConfig:
     """Fine-tuning options; defaults follow the DynamicViT authors' recipe (lr scaled to the batch).
 
-    ``batch_size`` is per process. ``backbone_lr_scale``: backbone lr = ``lr`` x this
-    (0 freezes the backbone). ``checkpoint_every``: also checkpoint every N steps.
+    ``batch_size`` is per process. ``lr`` is the learning rate of DynamicViT's new parts
+    (predictors, and fast paths in ConvNeXt / Swin); ``backbone_lr_scale``: backbone lr =
+    ``lr`` x this (0 freezes the backbone). ``ratio_weight`` None: the authors' weight for the
+    model (2.0 for ViTs, 10.0 for ConvNeXt / Swin). ``checkpoint_every``: also checkpoint every N steps.
     ``max_steps``: stop early (tests, smoke runs).
     """
     epochs: int = 30
@@ -51,7 +53,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 5.0
     min_lr: float = 1e-6
-    ratio_weight: float = 2.0
+    ratio_weight: Optional[float] = None
     distill_weight: float = 0.5
     token_weight: float = 0.5
     ce_weight: float = 1.0
@@ -67,6 +69,9 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise TokenSparseError(f"{name} must be a positive integer, got {v!r}")
+        if self.ratio_weight is not None and (isinstance(self.ratio_weight, bool) or not isinstance(
+                self.ratio_weight, (int, float)) or self.ratio_weight < 0):
+            raise TokenSparseError(f"ratio_weight must be a number >= 0, got {self.ratio_weight!r}")
         for name in ("lr", "backbone_lr_scale", "weight_decay", "warmup_epochs", "min_lr"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
@@ -199,8 +204,8 @@ class WarmupCosine:
 
 
 def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: predictors at ``lr``, backbone at ``lr * backbone_lr_scale``; no decay on 1-d params."""
-    pred = {id(p) for p in dv.predictor_parameters(model)}
+    """AdamW groups: DynamicViT's new parts at ``lr``, backbone at ``lr * backbone_lr_scale``; no decay on 1-d params."""
+    pred = {id(p) for p in dv.learned_parameters(model)}
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for p in model.parameters():
         if not p.requires_grad:
@@ -301,7 +306,7 @@ def _prepare(model: nn.Module, method: str) -> tuple[nn.Module, Teacher]:
     import tokensparse
     from ..spec import parse_spec
     if tokensparse.is_patched(model):
-        dv.stages(model)  # error unless it is dynamicvit
+        dv.prediction_modules(model)  # error unless it is dynamicvit
         return model, Teacher(model)
     name, _ = parse_spec(method)
     if name != "dynamicvit":
@@ -344,7 +349,8 @@ def finetune(model: nn.Module, dataset: Dataset, out_dir: str | Path, method: st
     floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(round(cfg.warmup_epochs * per_epoch), total, floor))
-    loss_fn = DynamicViTLoss(cfg.ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.ce_weight)
+    ratio_weight = dv.default_ratio_weight(model) if cfg.ratio_weight is None else cfg.ratio_weight
+    loss_fn = DynamicViTLoss(ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.ce_weight)
     epoch, skip, step = 0, 0, 0
     if resume:
         ckpt = load_checkpoint(out / CHECKPOINT if resume is True else resume)

@@ -23,13 +23,16 @@ def logit_distillation(student: Tensor, teacher: Tensor) -> Tensor:
                     reduction="batchmean", log_target=True)
 
 
-def token_distillation(student: Tensor, teacher: Tensor, keep: Tensor) -> Tensor:
-    """MSE of final patch tokens ``(B, N0, C)`` over the kept ones (``keep`` ``(B, N0)``).
+def token_distillation(student: Tensor, teacher: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+    """MSE of final tokens ``(B, N, C)`` over the kept ones (``keep`` ``(B, N)``; None: all).
 
     Averaged per image over its kept tokens, then over images, so the loss of a batch is the
-    mean of its images' losses (a data-parallel run equals one big batch).
+    mean of its images' losses (a data-parallel run equals one big batch). With ``keep=None``
+    this is feature-map distillation (ConvNeXt / Swin, where no position is dropped).
     """
     err = (student.float() - teacher.float()).pow(2).mean(dim=-1)
+    if keep is None:
+        return err.mean()
     keep = keep.float()
     return ((err * keep).sum(dim=1) / keep.sum(dim=1).clamp_min(1.0)).mean()
 
@@ -40,6 +43,10 @@ class DynamicViTLoss(nn.Module):
     ``forward(logits, target, outputs, teacher_logits, teacher_tokens)`` returns the total
     loss and its detached parts ``{"ce", "ratio", "kl", "token"}``. ``target`` may be None
     (unlabelled calibration); ``outputs`` is :func:`tokensparse.methods.dynamicvit.train_outputs`.
+    The ``token`` part is the MSE to the teacher's final kept patch tokens for a ViT, and to
+    its final feature map for ConvNeXt / Swin (feature-map distillation). The authors weigh
+    the ratio loss 2.0 for ViTs and 10.0 for ConvNeXt / Swin
+    (:func:`~tokensparse.methods.dynamicvit.default_ratio_weight`).
     """
 
     def __init__(self, ratio_weight: float = 2.0, distill_weight: float = 0.5, token_weight: float = 0.5,
@@ -68,28 +75,34 @@ class DynamicViTLoss(nn.Module):
                 parts["kl"] = logit_distillation(logits, teacher_logits)
             if self.token_weight:
                 P = outputs.num_prefix
-                parts["token"] = token_distillation(outputs.features[:, P:], teacher_tokens[:, P:],
-                                                    outputs.masks[-1].detach() > 0.5)
+                keep = None if outputs.feature_mask is None else outputs.feature_mask.detach() > 0.5
+                parts["token"] = token_distillation(outputs.features[:, P:], teacher_tokens[:, P:], keep)
         total = (self.ce_weight * parts["ce"] + self.ratio_weight * parts["ratio"]
                  + self.distill_weight * parts["kl"] + self.token_weight * parts["token"])
         return total, {k: v.detach() for k, v in parts.items()}
 
 
 class Teacher(nn.Module):
-    """A frozen copy of the unreduced model returning ``(logits, final tokens)``."""
+    """A frozen copy of the unreduced model returning ``(logits, final tokens)``.
+
+    Final tokens are ``(B, N, C)``: a ViT's ``forward_features`` output, or the positions of a
+    ConvNeXt / Swin final feature map.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         import tokensparse
+        from ..patch import family_module
         self.model = copy.deepcopy(model)
         if tokensparse.is_patched(self.model):
             tokensparse.unpatch(self.model)
         self.model.eval().requires_grad_(False)
+        self.feature_tokens = family_module(self.model).feature_tokens
 
     def train(self, mode: bool = True) -> "Teacher":  # always eval
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        tokens = self.model.forward_features(x)
-        return self.model.forward_head(tokens), tokens
+        features = self.model.forward_features(x)
+        return self.model.forward_head(features), self.feature_tokens(features)

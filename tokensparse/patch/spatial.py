@@ -1,0 +1,144 @@
+"""Shared machinery for hierarchical models (ConvNeXt, Swin): routed stages.
+
+In a routed stage, a predictor before some blocks decides, per image and position of the
+feature map, whether the following blocks take their full ("slow") path or a cheap "fast"
+path. Nothing is dropped: results are written back in place, so the feature map keeps its
+shape and every later stage, ``features_only`` models and ``forward_intermediates`` work
+unchanged. The family files (:mod:`~tokensparse.patch.convnext`, :mod:`~tokensparse.patch.swin`)
+say how a block splits its computation and how its feature map is laid out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import TokenSparseError
+from ..ops import route_tokens
+from ..state import LocationInfo, TokenState
+from .base import swap_class
+
+
+@dataclass
+class Route:
+    """Which positions of a ``(B, N, C)`` token map take the slow path.
+
+    ``mask`` ``(B, N, 1)`` (training: 1 slow, 0 fast, straight-through gradients), or
+    ``slow_idx`` ``(B, K)`` (ascending) and ``fast_idx`` ``(B, N - K)`` (evaluation).
+    """
+    mask: Optional[Tensor] = None
+    slow_idx: Optional[Tensor] = None
+    fast_idx: Optional[Tensor] = None
+
+    def apply(self, x: Tensor, slow_fn: Callable[[Tensor], Tensor], fast_fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """:func:`~tokensparse.ops.route_tokens` of tokens ``x`` ``(B, N, C)`` along this route."""
+        return route_tokens(x, slow_fn, fast_fn, self.mask, self.slow_idx, self.fast_idx)
+
+    def slow_positions(self, n: int) -> Tensor:
+        """``(B, N)`` bool: the positions on the slow path."""
+        if self.mask is not None:
+            return self.mask.detach().squeeze(-1) > 0.5
+        out = torch.zeros(self.slow_idx.shape[0], n, dtype=torch.bool, device=self.slow_idx.device)
+        return out.scatter_(1, self.slow_idx, True)
+
+
+class SpatialState(TokenState):
+    """Per-pass state of a routed stage: its records, training masks and the final features.
+
+    ``masks``: per location ``(B, N)`` training masks (with gradients); ``features``:
+    ``(B, N, C)`` tokens of the model's last ``forward_features`` output (full models only).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(num_prefix=0)
+        self.masks: list[Tensor] = []
+        self.features: Optional[Tensor] = None
+
+    def __deepcopy__(self, memo: dict) -> "SpatialState":
+        """A fresh state: the records of a pass (with autograd history) are not copied."""
+        return SpatialState()
+
+    def begin(self, tokens: Tensor) -> None:
+        """Start a pass of the routed stage on its input tokens ``(B, N, C)``."""
+        self.start(tokens)
+        self.masks, self.features = [], None
+
+    def record_route(self, block: int, route: Route, grid: tuple[int, int]) -> None:
+        """Store a :class:`LocationInfo` for a predictor before ``block``: ``extra["slow"]``."""
+        B, n = self.patch_to_token.shape
+        self.locations.append(LocationInfo(
+            block=block, num_prefix=0, size=torch.ones(B, n, device=self.patch_to_token.device),
+            patch_to_token=self.patch_to_token, extra={"slow": route.slow_positions(n)}, grid=grid))
+
+
+class RoutedStage(nn.Module):
+    """Mixin for a timm stage (``downsample`` then ``blocks``) whose blocks follow routes.
+
+    A block with a ``ts_predictor`` computes a new :class:`Route` from its input tokens; every
+    later block of the stage follows the latest route with its ``forward_routed``. Families
+    implement :meth:`tokens` and :meth:`grid` for their feature-map layout.
+    """
+    _ts_state: SpatialState
+
+    def tokens(self, x: Tensor) -> Tensor:
+        """``(B, N, C)`` tokens of a feature map in this family's layout."""
+        raise NotImplementedError
+
+    def grid(self, x: Tensor) -> tuple[int, int]:
+        """``(H, W)`` of a feature map in this family's layout."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if getattr(self, "grad_checkpointing", False):
+            raise TokenSparseError("disable gradient checkpointing (model.set_grad_checkpointing(False)) "
+                                   "before using a patched stage")
+        return self.forward_blocks(self.downsample(x))
+
+    def forward_blocks(self, x: Tensor, start: int = 0) -> Tensor:
+        """Run ``blocks[start:]`` on the feature map ``x`` (predictors from ``start`` on)."""
+        state = self._ts_state
+        state.begin(self.tokens(x))
+        route: Optional[Route] = None
+        for i in range(start, len(self.blocks)):
+            blk = self.blocks[i]
+            predictor = blk._modules.get("ts_predictor")
+            if predictor is not None:
+                route = predictor(self.tokens(x), state)
+                state.record_route(i, route, self.grid(x))
+            x = blk(x) if route is None else blk.forward_routed(x, route)
+        return x
+
+
+def install(model: nn.Module, stage: nn.Module, stage_cls: type, block_cls: type,
+            predictors: dict[int, nn.Module], fast_paths: dict[int, nn.Module],
+            model_cls: Optional[type] = None) -> SpatialState:
+    """Swap ``stage`` to ``stage_cls`` and its blocks from the first location on to ``block_cls``.
+
+    ``predictors[i]`` becomes ``stage.blocks[i].ts_predictor`` and ``fast_paths[i]``
+    ``stage.blocks[i].ts_fast``; ``model_cls`` (optional) records the model's final features.
+    """
+    state = SpatialState()
+    swap_class(stage, stage_cls)
+    stage._ts_state = state
+    for i, blk in enumerate(stage.blocks):
+        if i in fast_paths:
+            swap_class(blk, block_cls)
+            blk.ts_fast = fast_paths[i]
+        if i in predictors:
+            blk.ts_predictor = predictors[i]
+    if model_cls is not None:
+        swap_class(model, model_cls)
+    model._ts_state = state
+    return state
+
+
+def uninstall(model: nn.Module, stage: nn.Module) -> None:
+    """Undo :func:`install` (the class swaps are undone by :func:`~tokensparse.patch.unpatch`)."""
+    for blk in stage.blocks:
+        for name in ("ts_predictor", "ts_fast"):
+            if name in blk._modules:
+                del blk._modules[name]
+    stage.__dict__.pop("_ts_state", None)
+    model.__dict__.pop("_ts_state", None)
