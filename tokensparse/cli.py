@@ -1,4 +1,4 @@
-"""Command line interface: ``tokensparse bench ...``.
+"""Command line interface: ``tokensparse bench | calibrate | train | viz | sweep``.
 
 One ``add_<command>_parser`` / ``cmd_<command>`` pair per subcommand. Bad input (a
 :class:`TokenSparseError` or a bad argument) prints one ``error: ...`` line on stderr and
@@ -374,6 +374,99 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- viz / sweep
+
+def add_viz_parser(subparsers: Any) -> None:
+    """``tokensparse viz``: token maps of one image, one row per method."""
+    p = subparsers.add_parser(
+        "viz", help="draw which patches each method keeps, drops or merges on one image",
+        description="Run each --method on one image and draw, for every reduction location, the "
+                    "image with dropped patches greyed out, merged patches tinted by group and "
+                    "method masks (e.g. Evo-ViT's informative tokens) highlighted.")
+    add_model_args(p)
+    p.add_argument("--method", action="append", required=True, metavar="SPEC",
+                   help="method spec, e.g. tome:r=13 (repeatable: one row each)")
+    p.add_argument("--image", type=Path, required=True, metavar="FILE", help="input image")
+    p.add_argument("--out", type=Path, default=Path("token_maps.png"), metavar="PNG",
+                   help="output PNG (default: token_maps.png)")
+    p.set_defaults(func=cmd_viz)
+
+
+def cmd_viz(args: argparse.Namespace) -> int:
+    """Run ``tokensparse viz``."""
+    from .viz import token_maps
+    specs = normalise_specs(args.method)
+    if not specs:
+        raise TokenSparseError("give at least one --method other than 'none'")
+    if not args.image.is_file():
+        raise TokenSparseError(f"image file not found: {str(args.image)!r}")
+    from .methods import get_method
+    from .spec import parse_spec
+    for spec in specs:
+        get_method(parse_spec(spec)[0])  # unknown method: fail before building the model
+    model = load_model(args)
+    token_maps(model, specs, args.image, out=args.out)
+    Console().print(f"wrote {args.out}")
+    return 0
+
+
+def add_sweep_parser(subparsers: Any) -> None:
+    """``tokensparse sweep``: accuracy vs speed-up over each method's main knob."""
+    p = subparsers.add_parser(
+        "sweep", help="sweep each method's main knob: accuracy against speed-up (CSV + PNG)",
+        description="For each --method, measure every value of its main knob (see "
+                    "tokensparse.sweep.GRIDS) with the unreduced model in the same run: GMACs, "
+                    "speed-up, top-1/top-5 and agreement. Writes OUT/sweep.csv and OUT/sweep.png.")
+    add_model_args(p)
+    add_images_args(p)
+    p.add_argument("--method", action="append", metavar="NAME",
+                   help="method name, or NAME:key=value,... to fix other options (repeatable; default: "
+                        "every training-free method with a grid that supports the model)")
+    p.add_argument("--points", type=positive_int, metavar="N",
+                   help="use only N values of each grid, spread evenly (default: all)")
+    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                   help="folder for sweep.csv and sweep.png (default: .)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads while timing")
+    p.add_argument("--runs", type=positive_int, default=5, metavar="N",
+                   help="timed runs per model; the median is reported (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed warm-up runs (default: 1)")
+    p.add_argument("--x-axis", choices=("speedup", "gmacs"), default="speedup",
+                   help="plot against measured speed-up, or against the GMACs reduction "
+                        "(deterministic; for noisy machines) (default: speedup)")
+    p.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Run ``tokensparse sweep``."""
+    from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
+    console = Console()
+    if args.warmup < 0:
+        raise TokenSparseError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.method:
+        sweep_specs(args.method)  # unknown method: fail before building the model
+    base = load_model(args)
+    rows = sweep_specs(args.method, args.points, base)
+    source, note = bench_accuracy_source(args)
+    if note:
+        console.print(note)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TokenSparseError(f"cannot create {str(args.out)!r}: {exc.strerror or exc}") from None
+    console.print(f"sweeping {len(rows) - 1} variants + unreduced")
+    images, wnids = source if source is not None else (None, None)
+    measure(rows, build_models(base, rows), images, wnids, limit=args.limit,
+            batch_size=args.batch_size, threads=args.threads, runs=args.runs, warmup=args.warmup)
+    csv_path = write_csv(rows, args.out / "sweep.csv")
+    n = f", {args.limit} images" if args.limit and images is not None else ""
+    plot_sweep(rows, args.out / "sweep.png",
+               title=f"{args.model} | batch {args.batch_size} | "
+                     f"{args.threads or torch.get_num_threads()} threads{n}", x=args.x_axis)
+    console.print(f"wrote {csv_path} and {args.out / 'sweep.png'}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> ArgumentParser:
@@ -386,6 +479,8 @@ def build_parser() -> ArgumentParser:
     add_bench_parser(subparsers)
     add_train_parser(subparsers)
     add_calibrate_parser(subparsers)
+    add_viz_parser(subparsers)
+    add_sweep_parser(subparsers)
     return parser
 
 

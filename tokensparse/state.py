@@ -23,6 +23,7 @@ class LocationInfo:
         extra: method-specific records (e.g. PPT's per-image branch choice).
         grid: ``(H, W)`` of the ``N0`` positions when they are not the model's patch grid
             (e.g. the third stage of a ConvNeXt or Swin), else None.
+        stage: index of the stage ``block`` belongs to in a hierarchical model, else None.
     """
     block: int
     num_prefix: int
@@ -30,6 +31,7 @@ class LocationInfo:
     patch_to_token: Tensor
     extra: dict[str, Any] = field(default_factory=dict)
     grid: Optional[tuple[int, int]] = None
+    stage: Optional[int] = None
 
     @property
     def num_tokens(self) -> int:

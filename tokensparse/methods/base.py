@@ -29,6 +29,8 @@ class Method:
     options: ClassVar[tuple[OptionInfo, ...]]
     families: ClassVar[tuple[str, ...]] = ("vit",)
     needs_class_token: ClassVar[bool] = False
+    needs_training: ClassVar[bool] = False
+    """True when the method's new parts must be trained before its accuracy means anything."""
 
     def __init__(self, **options: Any) -> None:
         allowed = {o.name for o in self.options}

@@ -443,6 +443,7 @@ class DynamicViT(Method):
                "positions down a cheap fast path (ConvNeXt, Swin); needs trained predictors ('tokensparse "
                "calibrate' or 'tokensparse train'), random ones otherwise")
     families = ("vit", "convnext", "swin")
+    needs_training = True
     options = (
         OptionInfo("rho", 0.7, "base keep ratio: ViT locations keep rho, rho^2, rho^3, ... of the original patches; "
                                "ConvNeXt / Swin locations send rho, rho-0.2, rho-0.4, ... of the positions down the "

@@ -107,7 +107,8 @@ class ConvNeXtWithFeatures(ConvNeXt):
 def install(model: nn.Module, predictors: dict[int, nn.Module], fast_paths: dict[int, nn.Module]) -> SpatialState:
     """Route the third stage: ``predictors[i]`` before block ``i``, ``fast_paths[i]`` in block ``i``."""
     model_cls = ConvNeXtWithFeatures if isinstance(model, ConvNeXt) else None  # full models record final features
-    return spatial.install(model, routed_stage(model), RoutedConvNeXtStage, RoutedConvNeXtBlock, predictors, fast_paths, model_cls)
+    return spatial.install(model, routed_stage(model), ROUTED_STAGE, RoutedConvNeXtStage, RoutedConvNeXtBlock,
+                           predictors, fast_paths, model_cls)
 
 
 def uninstall(model: nn.Module) -> None:

@@ -51,14 +51,15 @@ class SpatialState(TokenState):
     ``(B, N, C)`` tokens of the model's last ``forward_features`` output (full models only).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stage: int) -> None:
         super().__init__(num_prefix=0)
+        self.stage = stage
         self.masks: list[Tensor] = []
         self.features: Optional[Tensor] = None
 
     def __deepcopy__(self, memo: dict) -> "SpatialState":
         """A fresh state: the records of a pass (with autograd history) are not copied."""
-        return SpatialState()
+        return SpatialState(self.stage)
 
     def begin(self, tokens: Tensor) -> None:
         """Start a pass of the routed stage on its input tokens ``(B, N, C)``."""
@@ -70,7 +71,8 @@ class SpatialState(TokenState):
         B, n = self.patch_to_token.shape
         self.locations.append(LocationInfo(
             block=block, num_prefix=0, size=torch.ones(B, n, device=self.patch_to_token.device),
-            patch_to_token=self.patch_to_token, extra={"slow": route.slow_positions(n)}, grid=grid))
+            patch_to_token=self.patch_to_token, extra={"slow": route.slow_positions(n)}, grid=grid,
+            stage=self.stage))
 
 
 class RoutedStage(nn.Module):
@@ -111,15 +113,15 @@ class RoutedStage(nn.Module):
         return x
 
 
-def install(model: nn.Module, stage: nn.Module, stage_cls: type, block_cls: type,
+def install(model: nn.Module, stage: nn.Module, index: int, stage_cls: type, block_cls: type,
             predictors: dict[int, nn.Module], fast_paths: dict[int, nn.Module],
             model_cls: Optional[type] = None) -> SpatialState:
-    """Swap ``stage`` to ``stage_cls`` and its blocks from the first location on to ``block_cls``.
+    """Swap ``stage`` (stage ``index`` of the model) to ``stage_cls`` and its routed blocks to ``block_cls``.
 
     ``predictors[i]`` becomes ``stage.blocks[i].ts_predictor`` and ``fast_paths[i]``
     ``stage.blocks[i].ts_fast``; ``model_cls`` (optional) records the model's final features.
     """
-    state = SpatialState()
+    state = SpatialState(index)
     swap_class(stage, stage_cls)
     stage._ts_state = state
     for i, blk in enumerate(stage.blocks):

@@ -97,7 +97,8 @@ class SwinWithFeatures(SwinTransformer):
 def install(model: nn.Module, predictors: dict[int, nn.Module], fast_paths: dict[int, nn.Module]) -> SpatialState:
     """Route the third stage: ``predictors[i]`` before block ``i``, ``fast_paths[i]`` in block ``i``."""
     model_cls = SwinWithFeatures if isinstance(model, SwinTransformer) else None  # full models record final features
-    return spatial.install(model, routed_stage(model), RoutedSwinStage, RoutedSwinBlock, predictors, fast_paths, model_cls)
+    return spatial.install(model, routed_stage(model), ROUTED_STAGE, RoutedSwinStage, RoutedSwinBlock,
+                           predictors, fast_paths, model_cls)
 
 
 def uninstall(model: nn.Module) -> None:

@@ -1,0 +1,237 @@
+"""Accuracy against speed-up: sweep each method's main knob and plot the trade-off.
+
+Every variant (and the unreduced model) is measured in one run: GMACs, throughput timed
+interleaved with the unreduced model, and top-1 / top-5 / agreement in one pass over the
+images. :data:`GRIDS` holds the swept values per method; unregistered methods are skipped.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence, Union
+
+from torch import nn
+
+from .errors import TokenSparseError
+
+BASELINE = "none"
+
+#: method name -> (option swept, values); one table for every method.
+GRIDS: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "topk": ("keep_rate", (0.5, 0.6, 0.7, 0.8, 0.9)),
+    "evit": ("keep_rate", (0.5, 0.6, 0.7, 0.8, 0.9)),
+    "tome": ("r", (4, 8, 12, 16)),
+    "ppt": ("r", (15, 30, 45, 60)),
+    "evovit": ("keep_rate", (0.3, 0.5, 0.7, 0.9)),
+    "dynamicvit": ("rho", (0.5, 0.6, 0.7, 0.8, 0.9)),
+}
+
+
+@dataclass
+class SweepRow:
+    """One CSV row: a method at one knob value (or the unreduced model)."""
+    method: str
+    spec: str
+    knob: str = ""
+    value: Optional[float] = None
+    gmacs: Optional[float] = None
+    img_per_s: Optional[float] = None
+    speedup: Optional[float] = None
+    top1: Optional[float] = None
+    top5: Optional[float] = None
+    agreement: Optional[float] = None
+
+
+def pick(values: Sequence[Any], points: Optional[int]) -> list[Any]:
+    """``points`` values spread evenly over ``values`` (ends included); all when None."""
+    if points is None or points >= len(values):
+        return list(values)
+    if points == 1:
+        return [values[len(values) // 2]]
+    step = (len(values) - 1) / (points - 1)
+    return [values[round(i * step)] for i in range(points)]
+
+
+def sweep_specs(methods: Optional[Sequence[str]] = None, points: Optional[int] = None,
+                model: Optional[nn.Module] = None) -> list[SweepRow]:
+    """Rows (unmeasured) for every swept spec, the unreduced model first.
+
+    ``methods``: names from :data:`GRIDS`, or specs ``NAME:key=value,...`` whose options stay
+    fixed while the knob is swept (e.g. ``dynamicvit:predictors=FILE``). Default: every
+    method in :data:`GRIDS` that supports ``model`` and works without training. An unknown
+    or unswept name is an error.
+    """
+    from .methods import REGISTRY, get_method
+    from .spec import format_spec, parse_spec
+    if methods is None:
+        chosen = [(n, {}) for n in GRIDS if n in REGISTRY and not get_method(n).needs_training
+                  and (model is None or get_method(n)().supports(model))]
+        if not chosen:
+            raise TokenSparseError(
+                "no training-free method supports this model; name one with --method (e.g. "
+                "--method dynamicvit:predictors=FILE with predictors from 'tokensparse calibrate')")
+    else:
+        chosen = []
+        for text in dict.fromkeys(m.strip() for m in methods):
+            name, fixed = parse_spec(text)
+            get_method(name)(**fixed)  # unknown method or option -> error listing the valid ones
+            if name not in GRIDS:
+                raise TokenSparseError(f"no sweep grid for method {name!r}; swept: {', '.join(GRIDS)}")
+            if GRIDS[name][0] in fixed:
+                raise TokenSparseError(f"{text!r} fixes {GRIDS[name][0]!r}, the option the sweep varies")
+            chosen.append((name, fixed))
+    rows = [SweepRow(BASELINE, BASELINE)]
+    for name, fixed in chosen:
+        knob, values = GRIDS[name]
+        rows += [SweepRow(name, format_spec(name, {**fixed, knob: v}), knob, v) for v in pick(values, points)]
+    return rows
+
+
+def build_models(base: nn.Module, rows: Sequence[SweepRow]) -> dict[str, nn.Module]:
+    """``{spec: model}``: the base for ``none``, patched deep copies for the rest."""
+    import tokensparse
+    models = {}
+    for row in rows:
+        models[row.spec] = base if row.spec == BASELINE else tokensparse.patch(copy.deepcopy(base), row.spec)
+    return models
+
+
+def measure(rows: Sequence[SweepRow], models: dict[str, nn.Module],
+            images: Optional[Union[str, Path]], wnids: Optional[Union[str, Path]] = None,
+            limit: Optional[int] = None, batch_size: int = 32, threads: Optional[int] = None,
+            runs: int = 5, warmup: int = 1, progress: Callable[[str, int], Any] | None = None
+            ) -> list[SweepRow]:
+    """Fill in GMACs, throughput, speed-up and (with ``images``) accuracy of every row.
+
+    ``progress(description, total)`` returns a context manager yielding ``advance(n)``
+    (e.g. :func:`tokensparse.measure._common.progress_bar`).
+    """
+    from .measure import compare_throughput, evaluate_many, gmacs
+    from .measure._common import progress_bar
+    bar = progress or progress_bar
+    by_spec = {r.spec: r for r in rows}
+    with bar("GMACs", len(models)) as advance:
+        for spec, model in models.items():
+            by_spec[spec].gmacs = gmacs(model)
+            advance(1)
+    with bar("throughput", (warmup + runs) * len(models)) as advance:
+        speed = compare_throughput(models, batch_size=batch_size, threads=threads, warmup=warmup,
+                                   runs=runs, progress=lambda done, total: advance(1))
+    for spec, ips in speed.items():
+        by_spec[spec].img_per_s = ips
+        by_spec[spec].speedup = ips / speed[BASELINE]
+    if images is not None:
+        acc = evaluate_many(models, images, wnids, reference_key=BASELINE,
+                            batch_size=batch_size, limit=limit)  # its own progress bar
+        for spec, res in acc.items():
+            r = by_spec[spec]
+            r.top1, r.top5, r.agreement = res["top1"], res["top5"], res["agreement"]
+    return list(rows)
+
+
+def write_csv(rows: Sequence[SweepRow], path: Union[str, Path]) -> Path:
+    """Write rows with columns method, spec, knob, value, gmacs, img_per_s, speedup, top1, top5, agreement."""
+    path = Path(path)
+    try:
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(SweepRow)])
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
+    except OSError as exc:
+        raise TokenSparseError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    return path
+
+
+#: x axes of :func:`plot_sweep`: row -> x value, and the axis label.
+X_AXES: dict[str, str] = {
+    "speedup": "measured speed-up vs unreduced (x)",
+    "gmacs": "GMACs reduction vs unreduced (x, unreduced GMACs / GMACs)",
+}
+
+
+def x_values(rows: Sequence[SweepRow], x: str) -> list[Optional[float]]:
+    """The x coordinate of every row: measured speed-up, or unreduced GMACs / GMACs."""
+    if x == "speedup":
+        return [r.speedup for r in rows]
+    if x == "gmacs":
+        base = next((r.gmacs for r in rows if r.method == BASELINE), None)
+        return [None if base is None or not r.gmacs else base / r.gmacs for r in rows]
+    raise TokenSparseError(f"x axis must be one of {', '.join(X_AXES)}, got {x!r}")
+
+
+def _panel(ax: Any, rows: Sequence[SweepRow], xs: Sequence[Optional[float]], metric: str,
+           label: str) -> None:
+    """One accuracy panel: a line per method in knob order, the unreduced model starred."""
+    methods = list(dict.fromkeys(r.method for r in rows if r.method != BASELINE))
+    for name in methods:
+        pts = sorted((r.value, x, getattr(r, metric)) for r, x in zip(rows, xs)
+                     if r.method == name and x is not None and getattr(r, metric) is not None)
+        if not pts:
+            continue
+        vs, px, py = zip(*pts)
+        line, = ax.plot(px, py, marker="o", label=f"{name} ({rows_knob(rows, name)})")
+        for v, x, y in pts:
+            ax.annotate(f"{v:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points",
+                        color=line.get_color())
+    for r, x in zip(rows, xs):
+        if r.method == BASELINE and x is not None and getattr(r, metric) is not None:
+            ax.plot([x], [getattr(r, metric)], marker="*", markersize=14, color="black",
+                    linestyle="none", label="unreduced")
+    ax.set_ylabel(label)
+    ax.grid(alpha=0.3)
+
+
+def rows_knob(rows: Sequence[SweepRow], method: str) -> str:
+    """The knob name swept for ``method`` in ``rows``."""
+    return next((r.knob for r in rows if r.method == method), "")
+
+
+def plot_sweep(rows: Sequence[SweepRow], out: Optional[Union[str, Path]] = None,
+               title: str = "", x: str = "speedup") -> Any:
+    """Figure of top-1 and agreement (GMACs without accuracy) against ``x`` (see :data:`X_AXES`).
+
+    Each method's points are joined in knob order and labelled with the knob value.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = x_values(rows, x)
+    has_acc = any(r.top1 is not None for r in rows)
+    panels = [("top1", "top-1 (%)"), ("agreement", "agreement with unreduced (%)")] if has_acc \
+        else [("gmacs", "GMACs")]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], panels):
+        _panel(ax, rows, xs, metric, label)
+        ax.set_xlabel(X_AXES[x])
+    axes[0, 0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if out is not None:
+        from .viz import save_figure
+        save_figure(fig, out)
+    return fig
+
+
+def read_csv(path: Union[str, Path]) -> list[SweepRow]:
+    """Rows from a CSV written by :func:`write_csv` (to re-plot without re-measuring)."""
+    try:
+        with Path(path).open(newline="", encoding="utf-8") as f:
+            records = list(csv.DictReader(f))
+    except OSError as exc:
+        raise TokenSparseError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
+    text = {"method", "spec", "knob"}
+    return [SweepRow(**{k: (v if k in text else (float(v) if v != "" else None))
+                        for k, v in rec.items()}) for rec in records]
+
+
+def sweep(model: nn.Module, images: Optional[Union[str, Path]] = None,
+          wnids: Optional[Union[str, Path]] = None, methods: Optional[Sequence[str]] = None,
+          points: Optional[int] = None, **kwargs: Any) -> list[SweepRow]:
+    """Sweep every method's knob on ``model`` and measure each point (see :func:`measure`)."""
+    rows = sweep_specs(methods, points, model)
+    return measure(rows, build_models(model, rows), images, wnids, **kwargs)

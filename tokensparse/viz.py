@@ -1,0 +1,289 @@
+"""Token maps: what each reduction location kept, dropped, merged or highlighted.
+
+:func:`token_map` is a pure function (image array + :class:`~tokensparse.LocationInfo` ->
+RGB array) so the drawing can be tested pixel by pixel; :func:`token_maps` runs a model
+with several methods on one image and draws one row per method, one column per location.
+
+Drawing rules (generic over methods, from ``LocationInfo`` alone):
+
+* dropped patches (``patch_to_token < 0``): greyed out (desaturated and lightened, R = G = B);
+* merged patches (their token holds more than one patch: ToMe, PPT pooling, EViT's fused
+  token): tinted with one colour per token and outlined along the group border;
+* a method-specific ``(B, N0)`` bool mask in ``extra`` (Evo-ViT's ``informative``,
+  DynamicViT's ``slow`` positions on ConvNeXt / Swin, ...): True patches shown as they are,
+  False patches dimmed (darkened, colours kept);
+* ``(B,)`` bool records (PPT's ``pooled``) are named in the panel title.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import TokenSparseError
+from .state import LocationInfo
+
+GREY_BASE = 0.55
+GREY_SCALE = 0.35
+DIM_FACTOR = 0.3
+TINT_ALPHA = 0.45
+GOLDEN = 0.618033988749895
+DPI = 90
+LEGEND = ("grey: dropped patches | tinted + outlined: patches merged into one token (one colour "
+          "per token) | darkened: Evo-ViT placeholders, ConvNeXt / Swin fast-path positions")
+
+
+# ----------------------------------------------------------------------------- image input
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's data config of ``model`` (input size, mean, std, interpolation, crop)."""
+    import timm.data
+    return timm.data.resolve_data_config({}, model=model)
+
+
+def load_image(path: Union[str, Path], model: nn.Module) -> torch.Tensor:
+    """``(1, 3, H, W)`` image preprocessed with ``model``'s timm eval transform."""
+    import timm.data
+    from PIL import Image, UnidentifiedImageError
+    path = Path(path)
+    if not path.is_file():
+        raise TokenSparseError(f"image file not found: {str(path)!r}")
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise TokenSparseError(f"cannot read image {str(path)!r}: {exc}") from None
+    transform = timm.data.create_transform(**data_config(model))
+    return transform(img).unsqueeze(0)
+
+
+def denormalise(x: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
+    """``(H, W, 3)`` float array in [0, 1] from a normalised ``(3, H, W)`` or ``(1, 3, H, W)`` tensor."""
+    x = x.detach().float().cpu().reshape(3, x.shape[-2], x.shape[-1])
+    mean = torch.tensor(config["mean"]).view(3, 1, 1)
+    std = torch.tensor(config["std"]).view(3, 1, 1)
+    return (x * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+# ----------------------------------------------------------------------------- pure drawing
+
+def group_colour(token: int) -> np.ndarray:
+    """A distinct, saturated RGB colour for token index ``token`` (golden-ratio hues)."""
+    import colorsys
+    hue = (token * GOLDEN) % 1.0
+    return np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95))
+
+
+def mask_key(loc: LocationInfo) -> Optional[str]:
+    """Name of the first ``(B, N0)`` bool record in ``loc.extra`` (e.g. ``informative``), or None."""
+    shape = tuple(loc.patch_to_token.shape)
+    for key, value in loc.extra.items():
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool and tuple(value.shape) == shape:
+            return key
+    return None
+
+
+def _patch_view(img: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """``(gh, gw, ph, pw, 3)`` view of an ``(H, W, 3)`` image split into patches."""
+    gh, gw = grid
+    H, W, _ = img.shape
+    if H % gh or W % gw:
+        raise TokenSparseError(f"image {H}x{W} does not split into a {gh}x{gw} patch grid")
+    ph, pw = H // gh, W // gw
+    return img.reshape(gh, ph, gw, pw, 3).transpose(0, 2, 1, 3, 4)
+
+
+def _outline(patches: np.ndarray, tokens: np.ndarray, merged: np.ndarray,
+             colours: np.ndarray) -> None:
+    """Draw a 1-pixel border (in place) on merged patches along edges to other tokens."""
+    gh, gw = tokens.shape
+    padded = np.pad(tokens, 1, constant_values=-2)
+    for i, j in zip(*np.nonzero(merged)):
+        edge = colours[i, j] * 0.5
+        t = tokens[i, j]
+        if padded[i, j + 1] != t:        # up
+            patches[i, j, 0, :] = edge
+        if padded[i + 2, j + 1] != t:    # down
+            patches[i, j, -1, :] = edge
+        if padded[i + 1, j] != t:        # left
+            patches[i, j, :, 0] = edge
+        if padded[i + 1, j + 2] != t:    # right
+            patches[i, j, :, -1] = edge
+
+
+def token_map(image: np.ndarray, loc: LocationInfo, grid: tuple[int, int], index: int = 0,
+              mask: Optional[str] = None) -> np.ndarray:
+    """The ``(H, W, 3)`` map of one location for image ``index`` of the batch.
+
+    Args:
+        image: ``(H, W, 3)`` float RGB in [0, 1] (the de-normalised model input).
+        loc: the location's record.
+        grid: patch grid ``(gh, gw)`` with ``gh * gw == N0``.
+        index: which image of the recorded batch.
+        mask: ``extra`` key of a ``(B, N0)`` bool mask to highlight (default: :func:`mask_key`).
+    """
+    p2t = loc.patch_to_token[index].cpu().numpy().reshape(grid)
+    size = loc.size[index].cpu().numpy()
+    key = mask if mask is not None else mask_key(loc)
+    out = np.array(image, dtype=np.float64, copy=True)
+    patches = _patch_view(out, grid)  # a view: writes go to ``out``
+    dropped = p2t < 0
+    merged = ~dropped & (size[np.where(dropped, 0, p2t)] > 1)
+    colours = np.zeros(grid + (3,))
+    if key is not None:
+        keep = loc.extra[key][index].cpu().numpy().reshape(grid)
+        patches[~keep & ~dropped] *= DIM_FACTOR
+    for i, j in zip(*np.nonzero(merged)):
+        colours[i, j] = group_colour(int(p2t[i, j]))
+        patches[i, j] = (1 - TINT_ALPHA) * patches[i, j] + TINT_ALPHA * colours[i, j]
+    _outline(patches, p2t, merged, colours)
+    grey = patches[dropped].mean(axis=-1, keepdims=True)
+    patches[dropped] = GREY_BASE + GREY_SCALE * np.repeat(grey, 3, axis=-1)
+    return out.astype(np.float32)
+
+
+def location_title(loc: LocationInfo, index: int = 0) -> str:
+    """Short panel title: block, remaining tokens, then kept patches and per-image records."""
+    notes = []
+    kept, n0 = int(loc.kept[index].sum()), loc.patch_to_token.shape[1]
+    if kept < n0:
+        notes.append(f"{kept}/{n0} kept")
+    for key, value in loc.extra.items():
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bool and value.dim() == 1:
+            notes.append(key if bool(value[index]) else f"not {key}")
+    key = mask_key(loc)
+    if key is not None:
+        notes.append(f"{int(loc.extra[key][index].sum())} {key}")
+    where = f"block {loc.block}" if loc.stage is None else f"stage {loc.stage + 1} block {loc.block}"
+    title = f"{where}: {loc.num_tokens - loc.num_prefix} tok"
+    return title + ("\n" + ", ".join(notes) if notes else "")
+
+
+# ----------------------------------------------------------------------------- running models
+
+def _resolve_model(model: Union[str, nn.Module], weights: Optional[Union[str, Path]]) -> nn.Module:
+    """A model from a name (with optional weights) or the module itself (eval mode)."""
+    if isinstance(model, nn.Module):
+        if weights is not None:
+            raise TokenSparseError("weights can only be given with a model name")
+        return model.eval()
+    from .models import create_model
+    return create_model(model, weights=weights)
+
+
+def model_name(model: nn.Module) -> str:
+    """timm's ``architecture.tag`` of ``model`` (its class name if unknown)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch = cfg.get("architecture") or type(model).__name__
+    return f"{arch}.{cfg['tag']}" if cfg.get("tag") else arch
+
+
+def method_maps(model: nn.Module, spec: str, x: torch.Tensor,
+                image: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """``[(title, map)]`` per location of ``spec`` on input ``x`` (``model`` is not modified)."""
+    import tokensparse
+    patched = tokensparse.patch(copy.deepcopy(model), spec).eval()
+    with torch.inference_mode():
+        patched(x)
+    return [(location_title(loc), token_map(image, loc, location_grid(loc, model)))
+            for loc in tokensparse.info(patched)]
+
+
+def location_grid(loc: LocationInfo, model: nn.Module) -> tuple[int, int]:
+    """The ``(H, W)`` grid of a location's positions: its own (ConvNeXt / Swin stages) or the model's patches."""
+    if loc.grid is not None:
+        return loc.grid
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is None:
+        raise TokenSparseError(f"cannot tell the position grid of {type(model).__name__} at block {loc.block}")
+    return int(grid[0]), int(grid[1])
+
+
+def compute_maps(model: Union[str, nn.Module], methods: Sequence[str], image: Union[str, Path],
+                 weights: Optional[Union[str, Path]] = None
+                 ) -> tuple[np.ndarray, dict[str, list[tuple[str, np.ndarray]]]]:
+    """The de-normalised input and ``{spec: [(title, map), ...]}`` for each method."""
+    if not methods:
+        raise TokenSparseError("give at least one method")
+    model = _resolve_model(model, weights)
+    x = load_image(image, model)
+    picture = denormalise(x, data_config(model))
+    return picture, {spec: method_maps(model, spec, x, picture) for spec in methods}
+
+
+def display_spec(spec: str, width: int = 28) -> str:
+    """``spec`` for a panel title: the name, then its options wrapped to ``width`` characters,
+    file paths shortened to their names (``predictors=/a/b/p.safetensors`` -> ``p.safetensors``)."""
+    import textwrap
+    from .spec import format_spec, parse_spec
+    name, options = parse_spec(spec)
+    short = {k: Path(v).name if isinstance(v, str) and ("/" in v or "\\" in v) else v for k, v in options.items()}
+    text = format_spec(name, short)
+    if len(text) <= width:
+        return text
+    options_text = ", ".join(format_spec(name, {k: v})[len(name) + 1:] for k, v in short.items())
+    return name + "\n" + textwrap.fill(options_text, width)
+
+
+def draw_maps(picture: np.ndarray, maps: dict[str, list[tuple[str, np.ndarray]]],
+              title: str = "") -> Any:
+    """A matplotlib Figure: one row per method, the input then one panel per location."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 1 + max((len(m) for m in maps.values()), default=0)
+    rows = len(maps)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.4 * rows), squeeze=False)
+    for r, (spec, panels) in enumerate(maps.items()):
+        axes[r, 0].imshow(picture)
+        axes[r, 0].set_title("input", fontsize=7)
+        axes[r, 0].set_ylabel(display_spec(spec), fontsize=8, fontweight="bold")
+        for c, (label, arr) in enumerate(panels, start=1):
+            axes[r, c].imshow(arr)
+            axes[r, c].set_title(label, fontsize=7)
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        for ax in axes[r, len(panels) + 1:]:
+            ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.text(0.5, 0.005, LEGEND, ha="center", va="bottom", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
+
+
+def save_figure(fig: Any, out: Union[str, Path], dpi: int = DPI) -> Path:
+    """Write ``fig`` as PNG; TokenSparseError if the file cannot be written."""
+    out = Path(out)
+    try:
+        fig.savefig(out, dpi=dpi)
+    except OSError as exc:
+        raise TokenSparseError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
+    return out
+
+
+def token_maps(model: Union[str, nn.Module], methods: Sequence[str], image: Union[str, Path],
+               out: Optional[Union[str, Path]] = None,
+               weights: Optional[Union[str, Path]] = None) -> Any:
+    """Token maps of several methods on one image as a matplotlib Figure (saved to ``out``).
+
+    Args:
+        model: a timm model name (created with :func:`tokensparse.models.create_model`) or
+            an unpatched model (it is copied, never modified).
+        methods: method specs, e.g. ``["tome:r=13", "evit"]``.
+        image: image file, preprocessed with the model's timm data config.
+        out: PNG path to write, or None.
+        weights: weights file for a model given by name.
+    """
+    name = model if isinstance(model, str) else model_name(model)
+    picture, maps = compute_maps(model, methods, image, weights)
+    fig = draw_maps(picture, maps, title=f"{name} | {Path(image).name}")
+    if out is not None:
+        save_figure(fig, out)
+    return fig
