@@ -239,7 +239,7 @@ def test_listed_with_defaults():
     listing = {m.name: m for m in tokensparse.methods()}
     defaults = {o.name: o.default for o in listing["evovit"].options}
     assert defaults == {"keep_rate": 0.5, "alpha": 0.5, "stages": None, "split": "stage",
-                        "update": "representative", "pool": "model"}
+                        "update": "representative", "pool": "model", "class_token": None, "starts": None}
     assert listing["evovit"].supports(_small())
     assert not listing["evovit"].supports(_small(class_token=False, global_pool="avg"))
 
@@ -255,7 +255,7 @@ def test_listed_with_defaults():
     ("evovit:stages=[]", "stages must be a non-empty list of block indices"),
     ("evovit:stages=[1,4]", "stage start 4 is outside the model's blocks: valid stage starts are 1..3"),
     ("evovit:update=fast", "update must be one of representative, carry; got 'fast'"),
-    ("evovit:pool=max", "pool must be one of model, mean; got 'max'"),
+    ("evovit:pool=max", "pool must be one of model, mean, token, both; got 'max'"),
     ("evovit:split=layer", "split must be one of stage, block; got 'layer'"),
     ("evovit:speed=2", "unknown option(s) 'speed' for method 'evovit'"),
 ])

@@ -14,6 +14,7 @@ SUPPORTED_FAMILIES = {
     "vit": "timm VisionTransformer (ViT, DeiT, distilled DeiT, AugReg, register-token ViTs)",
     "convnext": "timm ConvNeXt (v1), full or features_only",
     "swin": "timm SwinTransformer (v1), full or features_only",
+    "levit": "timm Levit (levit_* and levit_conv_*)",
 }
 
 
@@ -28,6 +29,7 @@ def _wraps(model: nn.Module, stage_cls: type) -> bool:
 def model_family(model: nn.Module) -> str:
     """The family name of a timm model (see ``SUPPORTED_FAMILIES``), or a clear error naming them."""
     from timm.models.convnext import ConvNeXt, ConvNeXtStage
+    from timm.models.levit import Levit
     from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage
     from timm.models.vision_transformer import VisionTransformer
     if isinstance(model, VisionTransformer):
@@ -36,6 +38,8 @@ def model_family(model: nn.Module) -> str:
         return "convnext"
     if isinstance(model, SwinTransformer) or _wraps(model, SwinTransformerStage):
         return "swin"
+    if isinstance(model, Levit):
+        return "levit"
     supported = "; ".join(f"{k}: {v}" for k, v in SUPPORTED_FAMILIES.items())
     raise TokenSparseError(f"model family not supported: {type(model).__name__}. Supported: {supported}")
 
