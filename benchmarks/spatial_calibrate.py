@@ -19,7 +19,6 @@ import os
 import time
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader

@@ -1,7 +1,6 @@
 """DynamicViT: exactness, attention masking, gradients, eval gathering, predictor files, ratio control."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import timm
@@ -75,7 +74,6 @@ def test_eval_gathers_kept_tokens_and_records_info():
 
 
 def test_default_ratios_for_vit_small_match_the_paper():
-    method = tokensparse.methods  # noqa: F841 - registry import
     m = dv.DynamicViT()
     sched = m.schedule(12)
     assert list(sched) == [3, 6, 9]

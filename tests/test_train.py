@@ -12,7 +12,6 @@ import pytest
 import timm
 import torch
 from PIL import Image
-from torch.utils.data import TensorDataset
 
 import tokensparse
 from tokensparse import TokenSparseError

@@ -30,9 +30,8 @@ from torch import Tensor, nn
 
 from ..errors import TokenSparseError
 from ..ops import gather_tokens, keep_assignment, split_topk, topk_indices, with_prefix
-from ..patch.base import swap_class
 from ..patch.spatial import Route, SpatialState
-from ..patch.vit import ReducedAttention, ReducedBlock, ReducedVisionTransformer, check_vit
+from ..patch.vit import ReducedBlock, ReducedVisionTransformer, check_vit, install
 from ..state import TokenState
 from .base import Method, OptionInfo, check_bool, check_keep_rate, per_location, resolve_locations
 
@@ -523,16 +522,8 @@ class DynamicViT(Method):
         self._finish_parts(model, {f"blocks.{l}.predictor": m.predictor for l, m in pruners.items()})
         for m in pruners.values():
             m.train(model.training)
-        state = DynamicViTState(num_prefix=model.num_prefix_tokens)
-        swap_class(model, DynamicViTModel)
-        model._ts_state = state
-        for i, blk in enumerate(model.blocks):
-            swap_class(blk, DynamicViTBlock)
-            swap_class(blk.attn, ReducedAttention)
-            blk._ts_state = state
-            blk._ts_index = i
-            if i in pruners:
-                blk.ts_reducer = pruners[i]
+        install(model, pruners, state=DynamicViTState(num_prefix=model.num_prefix_tokens),
+                model_cls=DynamicViTModel, block_cls=DynamicViTBlock)
 
     def apply_spatial(self, model: nn.Module) -> None:
         """A :class:`PositionRouter` before each location of the third stage, fast paths from the first on."""

@@ -81,7 +81,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from ..errors import TokenSparseError
 from ..ops import gather_tokens, split_topk
 from ..patch.base import swap_class
-from ..patch.vit import ReducedAttention, ReducedVisionTransformer, check_vit
+from ..patch.vit import ReducedVisionTransformer, check_vit, install
 from ..state import LocationInfo, TokenState
 from .base import Method, OptionInfo, check_choice, check_keep_rate, default_locations, keep_count
 
@@ -386,15 +386,10 @@ class EvoViT(Method):
         if len(rates) != len(stages):
             raise TokenSparseError(f"keep_rate has {len(rates)} entries but there are {len(stages)} stages {stages}")
         plans = stage_plans(depth, stages, rates, c["split"], c["update"])
-        state = EvoState(num_prefix=model.num_prefix_tokens)
-        swap_class(model, EvoViTVisionTransformer)
-        model._ts_state = state
+        install(model, {}, state=EvoState(num_prefix=model.num_prefix_tokens), model_cls=EvoViTVisionTransformer,
+                block_cls=EvoViTBlock)
         model._ts_pool = c["pool"]
         for i, blk in enumerate(model.blocks):
-            swap_class(blk, EvoViTBlock)
-            swap_class(blk.attn, ReducedAttention)
-            blk._ts_state = state
-            blk._ts_index = i
             blk._ts_plan = plans.get(i, EvoPlan())
             blk._ts_alpha = float(c["alpha"])
 

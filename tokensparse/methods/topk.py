@@ -6,7 +6,6 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..errors import TokenSparseError
 from ..ops import fuse_tokens, gather_tokens, keep_assignment, split_topk, topk_indices, with_prefix
 from ..patch.vit import AttentionExtras, TokenReducer
 from ..state import TokenState

@@ -16,22 +16,9 @@ from ..errors import TokenSparseError
 from . import spatial
 from .spatial import Route, RoutedStage, SpatialState
 
-ROUTED_STAGE = 2
-"""Index of the routed stage (the third, which holds most of the blocks)."""
-
-
-def stages(model: nn.Module) -> list[ConvNeXtStage]:
-    """The ConvNeXt stages of ``model`` in order (a full model or a ``features_only`` wrapper)."""
-    return [m for m in model.modules() if isinstance(m, ConvNeXtStage)]
-
-
 def routed_stage(model: nn.Module) -> ConvNeXtStage:
     """The third stage, or a clear error if the model has fewer."""
-    found = stages(model)
-    if len(found) <= ROUTED_STAGE:
-        raise TokenSparseError(f"this ConvNeXt has {len(found)} stages; spatial sparsification routes the "
-                               f"third, so it needs at least 3 (a features_only model must keep out_indices up to 2)")
-    return found[ROUTED_STAGE]
+    return spatial.routed_stage(model, ConvNeXtStage, "ConvNeXt")
 
 
 def check_blocks(stage: nn.Module, method: str) -> None:
@@ -107,7 +94,7 @@ class ConvNeXtWithFeatures(ConvNeXt):
 def install(model: nn.Module, predictors: dict[int, nn.Module], fast_paths: dict[int, nn.Module]) -> SpatialState:
     """Route the third stage: ``predictors[i]`` before block ``i``, ``fast_paths[i]`` in block ``i``."""
     model_cls = ConvNeXtWithFeatures if isinstance(model, ConvNeXt) else None  # full models record final features
-    return spatial.install(model, routed_stage(model), ROUTED_STAGE, RoutedConvNeXtStage, RoutedConvNeXtBlock,
+    return spatial.install(model, routed_stage(model), spatial.ROUTED_STAGE, RoutedConvNeXtStage, RoutedConvNeXtBlock,
                            predictors, fast_paths, model_cls)
 
 
@@ -118,24 +105,9 @@ def uninstall(model: nn.Module) -> None:
 
 def run_to(model: ConvNeXt, x: Tensor, start: int) -> Tensor:
     """The feature map entering block ``start`` of the routed stage, from images ``x``."""
-    x = model.stem(x)
-    for stage in model.stages[:ROUTED_STAGE]:
-        x = stage(x)
-    stage = model.stages[ROUTED_STAGE]
-    x = stage.downsample(x)
-    for blk in stage.blocks[:start]:
-        x = blk(x)
-    return x
+    return spatial.run_to(model.stem, model.stages, x, start)
 
 
 def features_from(model: ConvNeXt, h: Tensor, start: int) -> Tensor:
     """``forward_features`` from the map ``h`` entering block ``start`` of the routed stage."""
-    stage = model.stages[ROUTED_STAGE]
-    if isinstance(stage, RoutedStage):
-        h = stage.forward_blocks(h, start)
-    else:
-        for blk in stage.blocks[start:]:
-            h = blk(h)
-    for later in model.stages[ROUTED_STAGE + 1:]:
-        h = later(h)
-    return model.norm_pre(h)
+    return model.norm_pre(spatial.run_from(model.stages, h, start))

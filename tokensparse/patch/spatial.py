@@ -144,3 +144,43 @@ def uninstall(model: nn.Module, stage: nn.Module) -> None:
                 del blk._modules[name]
     stage.__dict__.pop("_ts_state", None)
     model.__dict__.pop("_ts_state", None)
+
+
+# ----------------------------------------------------------------------------- shared by the families
+
+ROUTED_STAGE = 2
+"""Index of the routed stage: the third, which holds most of a hierarchical model's blocks."""
+
+
+def routed_stage(model: nn.Module, stage_cls: type, family: str) -> nn.Module:
+    """The third ``stage_cls`` stage of ``model`` (a full model or a ``features_only`` wrapper)."""
+    found = [m for m in model.modules() if isinstance(m, stage_cls)]
+    if len(found) <= ROUTED_STAGE:
+        raise TokenSparseError(f"this {family} has {len(found)} stages; spatial sparsification routes the "
+                               f"third, so it needs at least 3 (a features_only model must keep out_indices up to 2)")
+    return found[ROUTED_STAGE]
+
+
+def run_to(stem: nn.Module, stages: nn.Sequential, x: Tensor, start: int) -> Tensor:
+    """The feature map entering block ``start`` of the routed stage: ``stem``, earlier stages, downsampling."""
+    x = stem(x)
+    for stage in stages[:ROUTED_STAGE]:
+        x = stage(x)
+    stage = stages[ROUTED_STAGE]
+    x = stage.downsample(x)
+    for blk in stage.blocks[:start]:
+        x = blk(x)
+    return x
+
+
+def run_from(stages: nn.Sequential, h: Tensor, start: int) -> Tensor:
+    """The last stage's output from the map ``h`` entering block ``start`` of the routed stage."""
+    stage = stages[ROUTED_STAGE]
+    if isinstance(stage, RoutedStage):
+        h = stage.forward_blocks(h, start)
+    else:
+        for blk in stage.blocks[start:]:
+            h = blk(h)
+    for later in stages[ROUTED_STAGE + 1:]:
+        h = later(h)
+    return h

@@ -14,22 +14,9 @@ from ..errors import TokenSparseError
 from . import spatial
 from .spatial import Route, RoutedStage, SpatialState
 
-ROUTED_STAGE = 2
-"""Index of the routed stage (the third, which holds most of the blocks)."""
-
-
-def stages(model: nn.Module) -> list[SwinTransformerStage]:
-    """The Swin stages of ``model`` in order (a full model or a ``features_only`` wrapper)."""
-    return [m for m in model.modules() if isinstance(m, SwinTransformerStage)]
-
-
 def routed_stage(model: nn.Module) -> SwinTransformerStage:
     """The third stage, or a clear error if the model has fewer."""
-    found = stages(model)
-    if len(found) <= ROUTED_STAGE:
-        raise TokenSparseError(f"this Swin Transformer has {len(found)} stages; spatial sparsification routes the "
-                               f"third, so it needs at least 3 (a features_only model must keep out_indices up to 2)")
-    return found[ROUTED_STAGE]
+    return spatial.routed_stage(model, SwinTransformerStage, "Swin Transformer")
 
 
 def check_blocks(stage: nn.Module, method: str) -> None:
@@ -97,7 +84,7 @@ class SwinWithFeatures(SwinTransformer):
 def install(model: nn.Module, predictors: dict[int, nn.Module], fast_paths: dict[int, nn.Module]) -> SpatialState:
     """Route the third stage: ``predictors[i]`` before block ``i``, ``fast_paths[i]`` in block ``i``."""
     model_cls = SwinWithFeatures if isinstance(model, SwinTransformer) else None  # full models record final features
-    return spatial.install(model, routed_stage(model), ROUTED_STAGE, RoutedSwinStage, RoutedSwinBlock,
+    return spatial.install(model, routed_stage(model), spatial.ROUTED_STAGE, RoutedSwinStage, RoutedSwinBlock,
                            predictors, fast_paths, model_cls)
 
 
@@ -108,24 +95,9 @@ def uninstall(model: nn.Module) -> None:
 
 def run_to(model: SwinTransformer, x: Tensor, start: int) -> Tensor:
     """The feature map entering block ``start`` of the routed stage, from images ``x``."""
-    x = model.patch_embed(x)
-    for stage in model.layers[:ROUTED_STAGE]:
-        x = stage(x)
-    stage = model.layers[ROUTED_STAGE]
-    x = stage.downsample(x)
-    for blk in stage.blocks[:start]:
-        x = blk(x)
-    return x
+    return spatial.run_to(model.patch_embed, model.layers, x, start)
 
 
 def features_from(model: SwinTransformer, h: Tensor, start: int) -> Tensor:
     """``forward_features`` from the map ``h`` entering block ``start`` of the routed stage."""
-    stage = model.layers[ROUTED_STAGE]
-    if isinstance(stage, RoutedStage):
-        h = stage.forward_blocks(h, start)
-    else:
-        for blk in stage.blocks[start:]:
-            h = blk(h)
-    for later in model.layers[ROUTED_STAGE + 1:]:
-        h = later(h)
-    return model.norm(h)
+    return model.norm(spatial.run_from(model.layers, h, start))

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -132,13 +131,20 @@ def check_vit(model: nn.Module, needs_class_token: bool, method: str) -> None:
         raise TokenSparseError("disable gradient checkpointing (model.set_grad_checkpointing(False)) before patching")
 
 
-def install(model: VisionTransformer, reducers: dict[int, TokenReducer], prop_attn: bool = False) -> TokenState:
-    """Swap classes on ``model`` and put ``reducers[i]`` in block ``i``. Returns the shared state."""
-    state = TokenState(num_prefix=model.num_prefix_tokens, prop_attn=prop_attn)
-    swap_class(model, ReducedVisionTransformer)
+def install(model: VisionTransformer, reducers: dict[int, nn.Module], prop_attn: bool = False,
+            state: Optional[TokenState] = None, model_cls: Optional[type] = None,
+            block_cls: Optional[type] = None) -> TokenState:
+    """Swap classes on ``model`` and put ``reducers[i]`` in block ``i``. Returns the shared state.
+
+    ``state``, ``model_cls`` and ``block_cls`` default to :class:`TokenState`,
+    :class:`ReducedVisionTransformer` and :class:`ReducedBlock`; methods with their own pass
+    (DynamicViT) give subclasses.
+    """
+    state = state or TokenState(num_prefix=model.num_prefix_tokens, prop_attn=prop_attn)
+    swap_class(model, model_cls or ReducedVisionTransformer)
     model._ts_state = state
     for i, blk in enumerate(model.blocks):
-        swap_class(blk, ReducedBlock)
+        swap_class(blk, block_cls or ReducedBlock)
         swap_class(blk.attn, ReducedAttention)
         blk._ts_state = state
         blk._ts_index = i
