@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Every measurement quoted in the README, recorded under benchmarks/results/ (one file per
+# command, the command on its first line). Run from the repository root with the package
+# installed and ../shared beside it (or TOKENSPARSE_SHARED set); takes about 25 minutes on
+# the 2-core CPU machine. Timings are only comparable within one file: run nothing else meanwhile.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+S="${TOKENSPARSE_SHARED:-../shared}"
+W="$S/weights/vit_tiny_patch16_224.augreg_in21k_ft_in1k.safetensors"
+I="$S/data/imagenet-sample"
+OUT=benchmarks/results
+mkdir -p "$OUT"
+export COLUMNS=110
+
+record() {  # record NAME COMMAND...: run COMMAND, keep its output (progress bars go to the terminal only)
+  local name=$1; shift
+  echo "== $name"
+  { echo "\$ $*"; "$@"; } > "$OUT/$name.txt"
+}
+
+# DeiT-S speed, every method at its defaults, three separate runs (the machine is noisy)
+for run in 1 2 3; do
+  record "deit_small_speed_run$run" tokensparse bench --model deit_small_patch16_224 --batch-size 32 --threads 2 \
+    --runs 20 --method tome:r=13 --method evit:keep_rate=0.7 --method ppt --method evovit \
+    --method dynamicvit:rho=0.7 --json "$OUT/deit_small_speed_run$run.json"
+done
+record overhead_limit python benchmarks/overhead_limit.py --method tome:r=13 --method evit:keep_rate=0.7 --method ppt
+
+# ViT-Tiny accuracy on the 500 shared images
+record vit_tiny_accuracy tokensparse bench --model vit_tiny_patch16_224.augreg_in21k_ft_in1k --weights "$W" \
+  --images "$I/images" --wnids "$I/wnids.txt" --threads 2 --method tome:r=13 --method evit:keep_rate=0.7 \
+  --method topk:keep_rate=0.7 --method ppt --method evovit --method evovit:keep_rate=0.7 \
+  --json "$OUT/vit_tiny_accuracy.json"
+record ppt_branches python benchmarks/ppt_branches.py
+record evovit_accuracy python benchmarks/evovit_accuracy.py
+record dynamicvit_calibrate python benchmarks/dynamicvit_calibrate.py --threads 2 --out "$OUT/.dvit.safetensors"
+rm -f "$OUT/.dvit.safetensors"
+
+# Evo-ViT on LeViT
+record levit_speed tokensparse bench --model levit_256 --batch-size 32 --threads 2 --method evovit \
+  --method evovit:class_token=mean --json "$OUT/levit_speed.json"
+record levit_conv_speed tokensparse bench --model levit_conv_256 --batch-size 32 --threads 2 --method evovit
+
+# ConvNeXt / Swin spatial sparsification
+record convnext_speed tokensparse bench --model convnext_tiny --batch-size 32 --threads 2 \
+  --method dynamicvit:rho=0.7 --json "$OUT/convnext_speed.json"
+record swin_speed tokensparse bench --model swin_tiny_patch4_window7_224 --batch-size 32 --threads 2 \
+  --method dynamicvit:rho=0.7 --json "$OUT/swin_speed.json"
+record convnext_calibrate python benchmarks/spatial_calibrate.py --model convnext_tiny
+record swin_calibrate python benchmarks/spatial_calibrate.py --model swin_tiny_patch4_window7_224
