@@ -156,3 +156,9 @@ def test_python_dash_m_error_exit_code(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().startswith("error: weights file")
+
+
+def test_bench_unsupported_family_without_methods_is_an_error(capsys):
+    assert main(["bench", "--model", "resnet18", "--runs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: model family not supported: ResNet") and "convnext" in err

@@ -103,8 +103,10 @@ def normalise_specs(specs: Sequence[str]) -> list[str]:
 
 
 def default_specs(model: nn.Module) -> list[str]:
-    """Every registered method that supports ``model``, at its defaults."""
+    """Every registered method that supports ``model``, at its defaults (error for an unsupported family)."""
     import tokensparse
+    from .patch import model_family
+    model_family(model)  # names the supported families
     return [info.name for info in tokensparse.methods() if info.supports(model)]
 
 
