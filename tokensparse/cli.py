@@ -258,19 +258,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- train / calibrate (DynamicViT)
 
+def add_learning_args(parser: argparse.ArgumentParser) -> None:
+    """--model/--weights, --method (a dynamicvit spec), --images/--wnids/--limit and --split."""
+    add_model_args(parser)
+    parser.add_argument("--method", default="dynamicvit", metavar="SPEC",
+                        help="dynamicvit spec, e.g. dynamicvit:rho=0.7 (default: dynamicvit)")
+    add_images_args(parser)
+    parser.add_argument("--split", choices=("all", "even", "odd"), default="all",
+                        help="use all images, or only the even / odd positions of the sorted list")
+
+
 def add_train_parser(subparsers: Any) -> None:
     """``tokensparse train``: fine-tune a DynamicViT model (torchrun for several processes/nodes)."""
     p = subparsers.add_parser(
-        "train", help="fine-tune DynamicViT predictors and backbone on an image folder",
-        description="Fine-tune a timm ViT with DynamicViT (CE + ratio loss + distillation from the "
-                    "unreduced model). Run under torchrun for DistributedDataParallel (gloo on CPU, "
-                    "nccl on GPUs). Checkpoints go to OUT/checkpoint.pt after every epoch (and every "
-                    "--checkpoint-every steps), predictors to OUT/predictors.safetensors.")
-    add_model_args(p)
-    p.add_argument("--method", default="dynamicvit", metavar="SPEC", help="dynamicvit spec (default: dynamicvit)")
-    add_images_args(p)
-    p.add_argument("--split", choices=("all", "even", "odd"), default="all",
-                   help="use all images, or only the even / odd positions of the sorted list")
+        "train", help="fine-tune DynamicViT's new parts and the backbone on an image folder",
+        description="Fine-tune a timm ViT, ConvNeXt or Swin with DynamicViT (CE + ratio loss + "
+                    "distillation from the unreduced model). Run under torchrun for "
+                    "DistributedDataParallel (gloo on CPU, nccl on GPUs). Checkpoints go to "
+                    "OUT/checkpoint.pt after every epoch (and every --checkpoint-every steps), the "
+                    "learned parts to OUT/predictors.safetensors.")
+    add_learning_args(p)
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint / predictors folder")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="FILE",
                    help="continue from OUT/checkpoint.pt (or FILE) exactly where it stopped")
@@ -332,16 +339,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_calibrate_parser(subparsers: Any) -> None:
     """``tokensparse calibrate``: train only DynamicViT predictors, backbone frozen, no labels."""
     p = subparsers.add_parser(
-        "calibrate", help="train DynamicViT predictors on unlabelled images (backbone frozen)",
-        description="Freeze the model and train only the DynamicViT prediction modules by "
-                    "distillation from the unreduced model (KL + token MSE + ratio loss) on an "
-                    "image folder (labels unused). Writes the predictors as safetensors, for "
-                    "'--method dynamicvit:predictors=FILE'.")
-    add_model_args(p)
-    p.add_argument("--method", default="dynamicvit", metavar="SPEC", help="dynamicvit spec, e.g. dynamicvit:rho=0.7")
-    add_images_args(p)
-    p.add_argument("--split", choices=("all", "even", "odd"), default="all",
-                   help="use all images, or only the even / odd positions of the sorted list")
+        "calibrate", help="train DynamicViT's predictors (and fast paths) on unlabelled images, backbone frozen",
+        description="Freeze the model and train only DynamicViT's new parts (prediction modules; "
+                    "for ConvNeXt / Swin also the fast paths) by distillation from the unreduced "
+                    "model (KL + token or feature-map MSE + ratio loss) on an image folder (labels "
+                    "unused). Writes them as safetensors, for '--method dynamicvit:predictors=FILE'.")
+    add_learning_args(p)
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="predictors .safetensors file")
     p.add_argument("--epochs", type=int, default=3, metavar="N", help="end-to-end distillation epochs (default: 3)")
     p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
