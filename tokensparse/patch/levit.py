@@ -27,9 +27,6 @@ from timm.models.levit import (Attention, AttentionDownsample, ConvNorm, Downsam
 
 from ..errors import TokenSparseError
 
-QUERIES = ("first", "mean")
-"""How a class-attention row is formed: from the first token (a class token) or the mean query."""
-
 
 def check_levit(model: nn.Module, method: str) -> None:
     """Raise a clear error unless ``model`` is a timm LeViT this package can run on token subsets."""

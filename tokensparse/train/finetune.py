@@ -18,7 +18,7 @@ import math
 import os
 import random
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -417,9 +417,3 @@ def finetune(model: nn.Module, dataset: Dataset, out_dir: str | Path, method: st
         dv.save_predictors(model, out / PREDICTORS)
     barrier(info)
     return model.eval()
-
-
-def config_from(values: dict[str, Any]) -> TrainConfig:
-    """A :class:`TrainConfig` from a dict, ignoring keys it does not have (CLI glue)."""
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in values.items() if k in names and v is not None})
