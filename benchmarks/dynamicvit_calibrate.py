@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import tokensparse
+from tokensparse.data import image_dataset
 from tokensparse.measure import ImageNetFolder, evaluate_many
 from tokensparse.methods.dynamicvit import describe
 from tokensparse.models import create_model
-from tokensparse.train.calibrate import CalibrateConfig, calibrate
-from tokensparse.train.finetune import image_dataset
+from tokensparse.train.calibrate import CalibrateConfig, calibrate_dynamicvit
 
 ROOT = Path(os.environ.get("TOKENSPARSE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -50,7 +50,7 @@ def main() -> None:
     cfg = CalibrateConfig(epochs=args.epochs, lr=args.lr, flip=not args.no_flip,
                           imitation_epochs=args.imitation_epochs)
     t0 = time.perf_counter()
-    calibrate(student, calib, f"dynamicvit:rho={args.rho}", cfg, out=args.out)
+    calibrate_dynamicvit(student, calib, f"dynamicvit:rho={args.rho}", cfg, out=args.out)
     seconds = time.perf_counter() - t0
     tokens = describe(student)["tokens"]
     print(f"calibrated on {len(calib)} images (even positions), {cfg.epochs} epochs, flip={cfg.flip}, "

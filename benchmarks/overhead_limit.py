@@ -25,7 +25,7 @@ def token_counts(model: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
     """(tokens into attention, tokens into MLP) per block of a patched model."""
     with torch.inference_mode():
         model(x[:1])
-    after = {l.block: l.num_tokens for l in tokensparse.info(model)}
+    after = {l.block: l.num_tokens for l in tokensparse.location_records(model)}
     n = model.patch_embed.num_patches + model.num_prefix_tokens
     counts = []
     for i in range(len(model.blocks)):

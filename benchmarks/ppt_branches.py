@@ -1,7 +1,7 @@
 """PPT on real images: top-1 vs unreduced, agreement, and the share of images that pooled per location.
 
 Runs the unreduced and the PPT-patched model once over the images (the library's
-``ImageNetFolder`` with the model's timm preprocessing) and reads ``tokensparse.info`` after
+``ImageNetFolder`` with the model's timm preprocessing) and reads ``tokensparse.location_records`` after
 each batch. Defaults use the shared ViT-Tiny weights and the 500 shared ImageNet images::
 
     python benchmarks/ppt_branches.py [--spec ppt:threshold=7e-5] [--threads 2]
@@ -52,7 +52,7 @@ class Tally:
 
     def report(self, spec: str) -> str:
         """The numbers as a few lines of text."""
-        pct = lambda k: 100.0 * k / self.n  # noqa: E731
+        pct = lambda k: 100.0 * k / self.n
         lines = [f"images: {self.n}",
                  f"top-1 unreduced: {pct(self.correct_ref):.1f}%",
                  f"top-1 {spec}: {pct(self.correct):.1f}%",
@@ -76,7 +76,7 @@ def run(model_name: str, weights: Path, images: Path, wnids: Path, spec: str,
         for x, target in DataLoader(dataset, batch_size=batch_size):
             ref = base(x).argmax(dim=-1)
             pred = reduced(x).argmax(dim=-1)
-            tally.add(ref, pred, target, tokensparse.info(reduced))
+            tally.add(ref, pred, target, tokensparse.location_records(reduced))
     return tally
 
 

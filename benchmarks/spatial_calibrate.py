@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 import tokensparse
+from tokensparse.data import image_dataset
+from tokensparse.families import get_family
 from tokensparse.models import create_model
-from tokensparse.patch import family_module
-from tokensparse.train import CalibrateConfig, calibrate
-from tokensparse.train.finetune import image_dataset
+from tokensparse.train import CalibrateConfig, calibrate_dynamicvit
 
 ROOT = Path(os.environ.get("TOKENSPARSE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 
@@ -35,7 +35,7 @@ ROOT = Path(os.environ.get("TOKENSPARSE_SHARED") or Path(__file__).resolve().par
 @torch.no_grad()
 def distance(reduced: torch.nn.Module, base: torch.nn.Module, data, batch_size: int = 25) -> dict[str, float]:
     """Agreement (%), mean KL and relative feature-map error of ``reduced`` against ``base``."""
-    tokens = family_module(base).feature_tokens
+    tokens = get_family(base).feature_tokens
     agree = kl = err = n = 0.0
     for images, _ in DataLoader(data, batch_size=batch_size):
         fb, fr = base.forward_features(images), reduced.forward_features(images)
@@ -72,7 +72,7 @@ def main() -> None:
     student = copy.deepcopy(base)
     cfg = CalibrateConfig(epochs=args.epochs, lr=args.lr)
     t0 = time.perf_counter()
-    calibrate(student, calib, spec, cfg, out=args.out)
+    calibrate_dynamicvit(student, calib, spec, cfg, out=args.out)
     seconds = time.perf_counter() - t0
     weights = f"weights {args.weights}" if args.weights else \
         "random weights" + (f" (layer scale {args.layer_scale})" if kwargs else "")

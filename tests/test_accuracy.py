@@ -8,12 +8,11 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import VIT_TINY
 
 import tokensparse
 from tokensparse.measure import evaluate_many
 from tokensparse.models import create_model
-
-from conftest import VIT_TINY
 
 # spec -> allowed top-1 drop (points) vs. unreduced
 BOUNDS = {

@@ -1,6 +1,7 @@
 """DynamicViT: exactness, attention masking, gradients, eval gathering, predictor files, ratio control."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import timm
@@ -9,16 +10,16 @@ from torch.utils.data import TensorDataset
 
 import tokensparse
 from tokensparse import TokenSparseError
+from tokensparse.families import get_family
 from tokensparse.methods import dynamicvit as dv
-from tokensparse.train import CalibrateConfig, DynamicViTLoss, Teacher, calibrate
-from tokensparse.patch.vit import run_to
+from tokensparse.train import CalibrateConfig, DynamicViTLoss, Teacher, calibrate_dynamicvit
 from tokensparse.train.calibrate import forward_from
 
 
 def tiny(img: int = 64, **kw) -> torch.nn.Module:
     """A 4-block ViT without dropout: 64 patches of 8x8 (locations 1, 2, 3)."""
     torch.manual_seed(0)
-    args = dict(img_size=img, patch_size=8, depth=4, embed_dim=64, num_heads=2, num_classes=10)
+    args = {"img_size": img, "patch_size": 8, "depth": 4, "embed_dim": 64, "num_heads": 2, "num_classes": 10}
     return timm.create_model("vit_tiny_patch16_224", **{**args, **kw}).eval()
 
 
@@ -53,7 +54,7 @@ def test_rho_one_eval_and_all_kept_train_are_exact(name):
     model.train()
     with torch.no_grad():
         out = model(x)
-    assert all(bool((m == 1).all()) for m in model._ts_state.masks)
+    assert all(bool((m == 1).all()) for m in tokensparse.token_state(model).masks)
     assert (out - ref).abs().max().item() <= 1e-5
     tokensparse.unpatch(model)
     assert not any(hasattr(b, "ts_reducer") for b in model.blocks)
@@ -78,7 +79,7 @@ def test_default_ratios_for_vit_small_match_the_paper():
     sched = m.schedule(12)
     assert list(sched) == [3, 6, 9]
     assert [dv.keep_tokens(196, r) for r in sched.values()] == [137, 96, 67]
-    assert "dynamicvit" in [i.name for i in tokensparse.methods()]
+    assert "dynamicvit" in [i.name for i in tokensparse.list_methods()]
 
 
 def test_dropped_tokens_do_not_change_kept_outputs_and_grads_reach_predictors():
@@ -90,7 +91,7 @@ def test_dropped_tokens_do_not_change_kept_outputs_and_grads_reach_predictors():
         handle = None
         if perturb:  # add noise to every token dropped at the first location, right after it
             def hook(_module, args):
-                keep = model._ts_state.attn_policy().unsqueeze(-1)
+                keep = tokensparse.token_state(model).attn_policy().unsqueeze(-1)
                 noise = torch.randn(args[0].shape, generator=torch.Generator().manual_seed(5))  # not the global RNG
                 return (args[0] + 5.0 * noise * (1 - keep),)
             handle = model.blocks[2].register_forward_pre_hook(hook)
@@ -115,7 +116,7 @@ def test_dropped_tokens_do_not_change_kept_outputs_and_grads_reach_predictors():
 
     teacher = Teacher(model)
     t_logits, t_tokens = teacher(x)
-    loss, parts = DynamicViTLoss()(logits, torch.tensor([1, 2]), outs, t_logits, t_tokens)
+    loss, _parts = DynamicViTLoss()(logits, torch.tensor([1, 2]), outs, t_logits, t_tokens)
     loss.backward()
     for block, stage in dv.prediction_modules(model).items():
         grads = [p.grad for p in stage.predictor.parameters()]
@@ -172,13 +173,30 @@ def test_calibration_drives_keep_ratios_to_targets():
     data = TensorDataset(torch.randn(64, 3, 64, 64), torch.zeros(64, dtype=torch.long))
     model = tiny()
     cfg = CalibrateConfig(epochs=12, batch_size=16, lr=3e-3, flip=False, warmup_epochs=0, imitation_epochs=0)
-    calibrate(model, data, "dynamicvit:rho=0.7", cfg, progress=False)
+    calibrate_dynamicvit(model, data, "dynamicvit:rho=0.7", cfg, progress=False)
     assert not model.training and model.blocks[0].attn.qkv.weight.requires_grad
     stage_map = dv.prediction_modules(model)
     for s in stage_map.values():
         s.train()
     with torch.no_grad():
-        forward_from(model, run_to(model, data.tensors[0], 1), 1)
+        forward_from(model, get_family(model).run_to(data.tensors[0], 1), 1)
     ratios = dv.train_outputs(model).keep_ratios
     targets = [s.ratio for s in stage_map.values()]
     assert all(abs(r - t) <= 0.05 for r, t in zip(ratios, targets)), (ratios, targets)
+
+
+def test_predictors_file_written_before_the_family_redesign_still_loads():
+    """A predictors file written by the code before the model-family redesign (commit f0b9bf1)
+    loads unchanged and gives the logits that code gave (same weights, same input)."""
+    data = Path(__file__).resolve().parent / "data"
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", depth=4, img_size=64, embed_dim=32, num_heads=2,
+                              num_classes=10).eval()
+    tokensparse.patch(model, "dynamicvit", locations=[1, 2], predictors=str(data / "dynamicvit_vit_f0b9bf1.safetensors"))
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+    expected = torch.load(data / "dynamicvit_vit_f0b9bf1_logits.pt")["logits"]
+    assert (out - expected).abs().max().item() <= 1e-5
+    assert [loc.num_tokens for loc in tokensparse.location_records(model)] == [12, 8]

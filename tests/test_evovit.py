@@ -8,8 +8,12 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 import tokensparse
 from tokensparse import TokenSparseError
-from tokensparse.methods.evovit import (default_stages, representative_token, restore_placeholders,
-                                        update_global_attention)
+from tokensparse.methods.evovit import (
+    default_stages,
+    representative_token,
+    restore_placeholders,
+    update_global_attention,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -236,7 +240,7 @@ def test_trains_from_scratch(pool):
 # ----------------------------------------------------------------------------- options and errors
 
 def test_listed_with_defaults():
-    listing = {m.name: m for m in tokensparse.methods()}
+    listing = {m.name: m for m in tokensparse.list_methods()}
     defaults = {o.name: o.default for o in listing["evovit"].options}
     assert defaults == {"keep_rate": 0.5, "alpha": 0.5, "stages": None, "split": "stage",
                         "update": "representative", "pool": "model", "class_token": None, "starts": None}
@@ -279,7 +283,7 @@ def test_mean_pool_averages_patch_tokens():
         feats = model.forward_features(torch.randn(2, 3, 64, 64))
         assert torch.allclose(model.forward_head(feats), model.head(feats[:, 1:].mean(dim=1)), atol=1e-6)
     tokensparse.unpatch(model)
-    assert "_ts_pool" not in model.__dict__
+    assert "_ts" not in model.__dict__
 
 
 def test_mean_pool_needs_a_pooling_head():

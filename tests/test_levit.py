@@ -10,7 +10,7 @@ import torch
 
 import tokensparse
 from tokensparse import TokenSparseError
-from tokensparse.patch.levit import attention_tokens, gather_bias, token_layer
+from tokensparse.families.levit import attention_tokens, gather_bias, token_layer
 
 
 @pytest.fixture(autouse=True)
@@ -99,7 +99,7 @@ def test_slow_path_attention_is_the_full_attention_restricted_to_the_kept_tokens
 def test_placeholders_move_by_one_shared_change(update):
     """At the end of a stage every placeholder equals its value after the stage's downsampling
     plus the representative token's change (zero with update=carry)."""
-    from tokensparse.patch.levit import downsample_tokens
+    from tokensparse.families.levit import downsample_tokens
     model = tokensparse.patch(levit("levit_128s"), f"evovit:class_token=mean,update={update}")
     stage = model.stages[2]
     seen = {}
@@ -186,7 +186,8 @@ def _photo():
 
     import numpy as np
     from PIL import Image
-    path = tempfile.NamedTemporaryFile(suffix=".png", delete=False).name
+    with tempfile.NamedTemporaryFile(suffix=".png", delete=False) as f:
+        path = f.name
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 240, 3), dtype=np.uint8)).save(path)
     return path
 
@@ -195,7 +196,7 @@ def test_listed_for_levit_and_bench_picks_it():
     from tokensparse.cli import default_specs
     model = timm.create_model("levit_128s")
     assert default_specs(model) == ["evovit"]
-    defaults = {o.name: o.default for m in tokensparse.methods() if m.name == "evovit" for o in m.options}
+    defaults = {o.name: o.default for m in tokensparse.list_methods() if m.name == "evovit" for o in m.options}
     assert defaults["class_token"] is None and defaults["starts"] is None and defaults["pool"] == "model"
 
 

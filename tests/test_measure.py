@@ -9,8 +9,7 @@ import torch
 from PIL import Image
 
 from tokensparse.errors import TokenSparseError
-from tokensparse.measure import (ImageNetFolder, compare_throughput, count_flops, evaluate,
-                                 evaluate_many, gmacs)
+from tokensparse.measure import ImageNetFolder, compare_throughput, count_flops, evaluate, evaluate_many, gmacs
 from tokensparse.measure.flops import attention_flop_mapping
 from tokensparse.models import create_model
 
@@ -89,8 +88,8 @@ def test_compare_throughput_bf16():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(dtype="fp16"), "dtype"), (dict(runs=0), "runs"), (dict(batch_size=0), "batch_size"),
-    (dict(device="nonsense"), "device"), (dict(threads=0), "threads"),
+    ({"dtype": "fp16"}, "dtype"), ({"runs": 0}, "runs"), ({"batch_size": 0}, "batch_size"),
+    ({"device": "nonsense"}, "device"), ({"threads": 0}, "threads"),
 ])
 def test_compare_throughput_bad_arguments(kwargs, match):
     with pytest.raises(TokenSparseError, match=match):
@@ -196,7 +195,7 @@ def test_flat_name_without_wnid(tmp_path):
 def test_unreadable_image_named(flat_dir, tmp_path):
     (flat_dir / f"{WNIDS[0]}_broken.JPEG").write_bytes(b"\xff\xd8 not really a jpeg")
     ds = ImageNetFolder(flat_dir, _wnids_file(tmp_path / "w.txt"))
-    broken = [i for i, (p, _) in enumerate(ds.samples) if "broken" in p.name][0]
+    broken = next(i for i, (p, _) in enumerate(ds.samples) if "broken" in p.name)
     with pytest.raises(TokenSparseError, match="cannot read image .*_broken.JPEG"):
         ds[broken]
 

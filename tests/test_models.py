@@ -25,7 +25,7 @@ def test_real_weights_and_data_config(vit_tiny_weights):
 def test_same_as_timm_pretrained_file(vit_tiny_weights):
     ours = create_model(VIT_TINY, weights=str(vit_tiny_weights))
     theirs = timm.create_model(VIT_TINY, pretrained=True,
-                               pretrained_cfg_overlay=dict(file=str(vit_tiny_weights)))
+                               pretrained_cfg_overlay={"file": str(vit_tiny_weights)})
     for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         assert torch.equal(a, b), k
 

@@ -7,11 +7,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokensparse.ops import (bipartite_soft_matching, class_attention, fuse_tokens, gather_tokens,
-                             keep_assignment, merge_assignment, merge_tokens, split_topk, topk_indices,
-                             with_prefix)
+from tokensparse.families import AttentionExtras
 from tokensparse.methods.topk import TopKReducer
-from tokensparse.patch.vit import AttentionExtras
+from tokensparse.ops import (
+    bipartite_soft_matching,
+    class_attention,
+    fuse_tokens,
+    gather_tokens,
+    keep_assignment,
+    merge_assignment,
+    merge_tokens,
+    split_topk,
+    topk_indices,
+    with_prefix,
+)
 from tokensparse.state import TokenState
 
 

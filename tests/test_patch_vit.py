@@ -169,7 +169,7 @@ def test_patch_replaces_previous_method_and_options_override_spec():
 
 
 def test_methods_listing():
-    listing = {m.name: m for m in tokensparse.methods()}
+    listing = {m.name: m for m in tokensparse.list_methods()}
     assert {"topk", "evit", "tome"} <= set(listing)
     evit = {o.name: o.default for o in listing["evit"].options}
     assert evit["keep_rate"] == 0.7 and evit["fuse"] is True

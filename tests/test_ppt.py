@@ -6,15 +6,14 @@ import copy
 import pytest
 import timm
 import torch
+from conftest import VIT_TINY
 
 import tokensparse
 from tokensparse import TokenSparseError
+from tokensparse.families import AttentionExtras
 from tokensparse.methods.ppt import PPTReducer, choose_pool, default_r, ppt_scores
 from tokensparse.methods.tome import merge_patch_tokens
-from tokensparse.patch.vit import AttentionExtras
 from tokensparse.state import TokenState
-
-from conftest import VIT_TINY
 
 
 def _model(name: str, **kw) -> torch.nn.Module:
@@ -196,7 +195,7 @@ def test_r_list_and_locations():
 
 
 def test_listed_with_defaults():
-    listing = {m.name: m for m in tokensparse.methods()}
+    listing = {m.name: m for m in tokensparse.list_methods()}
     assert "ppt" in listing and listing["ppt"].summary
     defaults = {o.name: o.default for o in listing["ppt"].options}
     assert defaults == {"r": None, "locations": None, "threshold": 7e-5, "prop_attn": True}

@@ -11,10 +11,17 @@ from torch.utils.data import TensorDataset
 import tokensparse
 from tokensparse import TokenSparseError
 from tokensparse.cli import main
+from tokensparse.families import Route
 from tokensparse.methods import dynamicvit as dv
 from tokensparse.ops import split_topk
-from tokensparse.patch.spatial import Route
-from tokensparse.train import CalibrateConfig, DynamicViTLoss, Teacher, TrainConfig, calibrate, finetune
+from tokensparse.train import (
+    CalibrateConfig,
+    DynamicViTLoss,
+    Teacher,
+    TrainConfig,
+    calibrate_dynamicvit,
+    finetune_dynamicvit,
+)
 
 FULL = ["convnext_tiny", "swin_tiny_patch4_window7_224"]
 
@@ -23,10 +30,10 @@ def small(family: str, **kw) -> torch.nn.Module:
     """A small ConvNeXt / Swin (third stage: 4 blocks, 8x8 positions at 128 px) with random weights."""
     torch.manual_seed(0)
     if family == "convnext":
-        args = dict(depths=(1, 1, 4, 1), dims=(16, 32, 64, 128), num_classes=10, ls_init_value=0.5)
+        args = {"depths": (1, 1, 4, 1), "dims": (16, 32, 64, 128), "num_classes": 10, "ls_init_value": 0.5}
         return timm.create_model("convnext_tiny", **{**args, **kw}).eval()
-    args = dict(embed_dim=16, depths=(1, 1, 4, 1), num_heads=(1, 2, 4, 8), window_size=4, img_size=128,
-                num_classes=10)
+    args = {"embed_dim": 16, "depths": (1, 1, 4, 1), "num_heads": (1, 2, 4, 8), "window_size": 4, "img_size": 128,
+                "num_classes": 10}
     return timm.create_model("swin_tiny_patch4_window7_224", **{**args, **kw}).eval()
 
 
@@ -63,7 +70,7 @@ def test_every_position_slow_is_exact_for_logits_and_pyramid(name):
     model.train()
     with torch.no_grad():
         logits = model(x)
-    assert all(bool((m == 1).all()) for m in model._ts_state.masks)
+    assert all(bool((m == 1).all()) for m in tokensparse.token_state(model).masks)
     assert (logits - ref_logits).abs().max().item() <= 1e-5
     tokensparse.unpatch(model)
     assert not any("ts_" in k for k in model.state_dict())
@@ -187,7 +194,7 @@ def test_calibration_runs_and_lowers_the_distillation_loss(family, tmp_path):
 
     before = distance(tokensparse.patch(small(family), "dynamicvit:rho=0.6"))
     backbone = {k: v.clone() for k, v in model.state_dict().items()}
-    calibrate(model, data, "dynamicvit:rho=0.6", cfg, out=tmp_path / "parts.safetensors", progress=False)
+    calibrate_dynamicvit(model, data, "dynamicvit:rho=0.6", cfg, out=tmp_path / "parts.safetensors", progress=False)
     after = distance(model)
     assert after < before, (before, after)
     state = model.state_dict()
@@ -202,7 +209,7 @@ def test_finetune_and_cli_on_convnext(tmp_path, capsys):
     model = small("convnext")
     data = TensorDataset(torch.randn(8, 3, 128, 128), torch.randint(0, 10, (8,)))
     cfg = TrainConfig(epochs=1, batch_size=4, warmup_epochs=0, num_workers=0)
-    trained = finetune(model, data, tmp_path / "run", "dynamicvit", cfg, progress=False)
+    trained = finetune_dynamicvit(model, data, tmp_path / "run", "dynamicvit", cfg, progress=False)
     assert (tmp_path / "run" / "predictors.safetensors").is_file()
     assert "blocks.3.fast.proj.weight" in dv.learned_state(trained)
     # the CLI on a timm ConvNeXt (random weights) and a folder of images
@@ -229,7 +236,8 @@ def test_finetune_and_cli_on_convnext(tmp_path, capsys):
 
 def test_default_locations_follow_the_paper():
     """ConvNeXt-T / Swin-T: blocks 1, 2, 3 of the third stage; deeper third stages: 3, 6, 9 (ConvNeXt), 2, 4, 6 (Swin)."""
-    from tokensparse.patch import convnext, swin
+    from tokensparse.families import ConvNeXtFamily as convnext
+    from tokensparse.families import SwinFamily as swin
     assert convnext.default_locations(9) == swin.default_locations(6) == [1, 2, 3]
     assert convnext.default_locations(27) == [3, 6, 9] and swin.default_locations(18) == [2, 4, 6]
     model = tokensparse.patch(timm.create_model("convnext_small"), "dynamicvit")  # 27 blocks in its third stage
@@ -255,5 +263,5 @@ def test_unsupported_models_are_clear_errors():
     with pytest.raises(TokenSparseError, match="needs at least 3"):
         tokensparse.patch(timm.create_model("convnext_atto", features_only=True, out_indices=(0, 1)), "dynamicvit")
     with pytest.raises(TokenSparseError, match="features_only"):
-        calibrate(timm.create_model("convnext_atto", features_only=True), TensorDataset(torch.randn(2, 3, 64, 64)),
+        calibrate_dynamicvit(timm.create_model("convnext_atto", features_only=True), TensorDataset(torch.randn(2, 3, 64, 64)),
                   progress=False)

@@ -5,7 +5,7 @@ import os
 import socket
 import subprocess
 import sys
-import importlib
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -14,13 +14,19 @@ import torch
 from PIL import Image
 
 import tokensparse
+import tokensparse.train.finetune as finetune_mod
 from tokensparse import TokenSparseError
 from tokensparse.cli import main
 from tokensparse.methods.dynamicvit import DynamicViTOutputs
-from tokensparse.train import DynamicViTLoss, TrainConfig, finetune, load_checkpoint
+from tokensparse.train import (
+    CalibrateConfig,
+    DynamicViTLoss,
+    LearningConfig,
+    TrainConfig,
+    finetune_dynamicvit,
+    load_checkpoint,
+)
 from tokensparse.train.losses import ratio_loss, token_distillation
-
-finetune_mod = importlib.import_module("tokensparse.train.finetune")
 
 MODEL_SRC = """
 import torch, timm
@@ -36,12 +42,12 @@ def data(n=32):
     return TensorDataset(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 5, (n,), generator=g))
 """
 _ns: dict = {}
-exec(MODEL_SRC, _ns)
+exec(MODEL_SRC, _ns)  # noqa: S102 - the same source runs in the torchrun worker scripts
 tiny, data = _ns["tiny"], _ns["data"]
 
 
 def cfg(**kw) -> TrainConfig:
-    base = dict(epochs=2, batch_size=4, lr=1e-3, backbone_lr_scale=0.1, warmup_epochs=0.5, num_workers=0)
+    base = {"epochs": 2, "batch_size": 4, "lr": 1e-3, "backbone_lr_scale": 0.1, "warmup_epochs": 0.5, "num_workers": 0}
     return TrainConfig(**{**base, **kw})
 
 
@@ -72,6 +78,22 @@ def test_loss_parts_and_weights():
         DynamicViTLoss(ratio_weight=-1)
 
 
+def test_param_groups_new_parts_then_backbone_no_decay_first():
+    """timm's param_groups_weight_decay per part gives the same deterministic groups as before."""
+    model = tokensparse.patch(tiny(), "dynamicvit")
+    groups = finetune_mod.param_groups(model, lr=1e-3, backbone_lr_scale=0.1, weight_decay=0.05)
+    new = {id(p) for p in finetune_mod.dv.learned_parameters(model)}
+    expected = []
+    for is_new in (True, False):
+        for no_decay in (True, False):
+            params = [p for p in model.parameters() if (id(p) in new) == is_new and (p.ndim <= 1) == no_decay]
+            expected.append((params, 1e-3 if is_new else 1e-4, 0.0 if no_decay else 0.05))
+    assert [([id(p) for p in g["params"]], g["lr"], g["weight_decay"]) for g in groups] == \
+        [([id(p) for p in params], pytest.approx(lr), wd) for params, lr, wd in expected]
+    frozen = finetune_mod.param_groups(model, lr=1e-3, backbone_lr_scale=0.0, weight_decay=0.05)
+    assert [g["lr"] for g in frozen] == [1e-3, 1e-3]
+
+
 # ----------------------------------------------------------------------------- distributed
 
 def free_port() -> int:
@@ -82,12 +104,12 @@ def free_port() -> int:
 
 WORKER = MODEL_SRC + """
 import os, sys
-from tokensparse.train import TrainConfig, finetune
+from tokensparse.train import TrainConfig, finetune_dynamicvit
 out, batch, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 torch.set_num_threads(1)
 cfg = TrainConfig(epochs=1, batch_size=batch, lr=1e-3, backbone_lr_scale=0.1, warmup_epochs=0,
                   num_workers=0, max_steps=steps, seed=3)
-model = finetune(tiny(), data(), out, "dynamicvit:gumbel=false", cfg, progress=False)
+model = finetune_dynamicvit(tiny(), data(), out, "dynamicvit:gumbel=false", cfg, progress=False)
 torch.save(model.state_dict(), os.path.join(out, f"params_rank{os.environ.get('RANK', '0')}.pt"))
 """
 
@@ -99,13 +121,13 @@ def test_torchrun_two_processes_match_one_process_on_the_concatenated_batch(tmp_
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
          str(script), str(tmp_path / "ddp"), "4", "3"],
-        capture_output=True, text=True, timeout=300, env=env)
+        capture_output=True, text=True, timeout=300, env=env, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = torch.load(tmp_path / "ddp" / "params_rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "ddp" / "params_rank1.pt", weights_only=True)
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
     # one process, batch 8 = the two ranks' batches of 4: same samples per step (DistributedSampler)
-    one = finetune(tiny(), data(), tmp_path / "one", "dynamicvit:gumbel=false",
+    one = finetune_dynamicvit(tiny(), data(), tmp_path / "one", "dynamicvit:gumbel=false",
                    cfg(epochs=1, batch_size=8, warmup_epochs=0, max_steps=3, seed=3), progress=False)
     start = tiny().state_dict()
     moved = 0
@@ -122,7 +144,7 @@ def test_torchrun_two_processes_match_one_process_on_the_concatenated_batch(tmp_
 
 KILL_WORKER = MODEL_SRC + """
 import os, signal, sys
-from tokensparse.train import TrainConfig, finetune
+from tokensparse.train import TrainConfig, finetune_dynamicvit
 out, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"
 torch.set_num_threads(1)
 cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-3, backbone_lr_scale=0.1, warmup_epochs=0.5, num_workers=0,
@@ -132,14 +154,15 @@ def on_step(step, parts):
     if step == kill_at:  # die like a pre-empted job: no exception handling, no cleanup
         os.kill(os.getpid(), signal.SIGKILL)
 
-model = finetune(tiny(), data(16), out, "dynamicvit", cfg, resume=resume, on_step=on_step, progress=False)
+model = finetune_dynamicvit(tiny(), data(16), out, "dynamicvit", cfg, resume=resume, on_step=on_step, progress=False)
 torch.save(model.state_dict(), os.path.join(out, "final.pt"))
 """
 
 
 def run_worker(script: Path, out: Path, kill_at: int, resume: bool) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script), str(out), str(kill_at), "resume" if resume else "fresh"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          check=False)
 
 
 def test_killed_training_resumes_to_the_same_weights(tmp_path):
@@ -166,7 +189,7 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path):
 
 def test_corrupt_checkpoint_is_a_clear_error_and_a_failed_save_keeps_the_previous(tmp_path, monkeypatch):
     ds = data(16)
-    finetune(tiny(), ds, tmp_path, "dynamicvit", cfg(epochs=1), progress=False)
+    finetune_dynamicvit(tiny(), ds, tmp_path, "dynamicvit", cfg(epochs=1), progress=False)
     path = tmp_path / "checkpoint.pt"
     good = path.read_bytes()
 
@@ -176,7 +199,7 @@ def test_corrupt_checkpoint_is_a_clear_error_and_a_failed_save_keeps_the_previou
 
     monkeypatch.setattr(finetune_mod.torch, "save", broken_save)
     with pytest.raises(TokenSparseError, match="No space left"):
-        finetune(tiny(), ds, tmp_path, "dynamicvit", cfg(epochs=2), resume=True, progress=False)
+        finetune_dynamicvit(tiny(), ds, tmp_path, "dynamicvit", cfg(epochs=2), resume=True, progress=False)
     monkeypatch.undo()
     assert path.read_bytes() == good
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -184,21 +207,21 @@ def test_corrupt_checkpoint_is_a_clear_error_and_a_failed_save_keeps_the_previou
 
     path.write_bytes(good[: len(good) // 2])
     with pytest.raises(TokenSparseError, match="truncated or corrupt"):
-        finetune(tiny(), ds, tmp_path, "dynamicvit", cfg(), resume=True, progress=False)
+        finetune_dynamicvit(tiny(), ds, tmp_path, "dynamicvit", cfg(), resume=True, progress=False)
     with pytest.raises(TokenSparseError, match="not found"):
         load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(TokenSparseError, match="same"):
         path.write_bytes(good)
-        finetune(tiny(), ds, tmp_path, "dynamicvit", cfg(batch_size=2), resume=True, progress=False)
+        finetune_dynamicvit(tiny(), ds, tmp_path, "dynamicvit", cfg(batch_size=2), resume=True, progress=False)
 
 
 def test_bad_training_input():
     with pytest.raises(TokenSparseError, match="dynamicvit"):
-        finetune(tiny(), data(8), "/tmp/unused", "tome", cfg(), progress=False)
+        finetune_dynamicvit(tiny(), data(8), "/tmp/unused", "tome", cfg(), progress=False)
     with pytest.raises(TokenSparseError, match="fewer than one batch"):
-        finetune(tiny(), data(2), "/tmp/unused", "dynamicvit", cfg(), progress=False)
+        finetune_dynamicvit(tiny(), data(2), "/tmp/unused", "dynamicvit", cfg(), progress=False)
     with pytest.raises(TokenSparseError, match="epochs"):
-        finetune(tiny(), data(8), "/tmp/unused", "dynamicvit", cfg(epochs=0), progress=False)
+        finetune_dynamicvit(tiny(), data(8), "/tmp/unused", "dynamicvit", cfg(epochs=0), progress=False)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -245,3 +268,43 @@ def test_cli_errors_exit_2(argv, match, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and match in err and "Traceback" not in err
+
+
+def test_cli_calibrate_on_an_unlabelled_folder(tmp_path, capsys):
+    """Without a class list, calibrate reads every image under --images, whatever its name."""
+    root = tmp_path / "photos"
+    g = torch.Generator().manual_seed(0)
+    for name in ("holiday.jpg", "IMG 2.png", "trip/day1/beach.JPEG"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / name)
+    rc = main(["calibrate", "--model", "test_vit", "--images", str(root), "--method", "dynamicvit:rho=0.5",
+               "--out", str(tmp_path / "p.safetensors"), "--epochs", "1", "--imitation-epochs", "1",
+               "--batch-size", "2", "--no-flip"])
+    assert rc == 0, capsys.readouterr().err
+    assert "calibrated 3 images" in capsys.readouterr().out
+
+
+def test_config_defaults_and_shared_validation():
+    assert asdict(TrainConfig()) == {
+        "epochs": 30, "batch_size": 64, "lr": 1e-3, "backbone_lr_scale": 0.01, "weight_decay": 0.05,
+        "warmup_epochs": 5.0, "min_lr": 1e-6, "ratio_weight": None, "distill_weight": 0.5, "token_weight": 0.5,
+        "ce_weight": 1.0, "clip_grad": None, "bf16": False, "seed": 0, "num_workers": 2, "checkpoint_every": None,
+        "max_steps": None}
+    assert asdict(CalibrateConfig()) == {
+        "epochs": 3, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05, "warmup_epochs": 1.0, "min_lr": 1e-5,
+        "ratio_weight": None, "distill_weight": 0.5, "token_weight": 0.5, "flip": True, "imitation_epochs": 30,
+        "imitation_lr": 1e-3, "seed": 0, "num_workers": 0}
+    assert issubclass(TrainConfig, LearningConfig) and issubclass(CalibrateConfig, LearningConfig)
+    CalibrateConfig(epochs=0).validate()  # calibration may skip the end-to-end epochs
+    for config, kw, match in [
+            (TrainConfig, {"epochs": 0}, "epochs must be a positive integer"),
+            (CalibrateConfig, {"epochs": -1}, "epochs must be an integer >= 0"),
+            (TrainConfig, {"batch_size": True}, "batch_size"),
+            (CalibrateConfig, {"weight_decay": -1.0}, "weight_decay must be a number >= 0"),
+            (TrainConfig, {"ratio_weight": float("nan")}, "ratio_weight"),
+            (CalibrateConfig, {"num_workers": -1}, "num_workers"),
+            (TrainConfig, {"max_steps": 0}, "max_steps"),
+            (CalibrateConfig, {"lr": 0.0}, "lr must be > 0"),
+            (CalibrateConfig, {"imitation_epochs": -1}, "imitation_epochs")]:
+        with pytest.raises(TokenSparseError, match=match):
+            config(**kw).validate()

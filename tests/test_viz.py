@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -13,8 +16,7 @@ import tokensparse
 from tokensparse.cli import main
 from tokensparse.models import create_model
 from tokensparse.state import LocationInfo
-from tokensparse.sweep import (GRIDS, SweepRow, pick, plot_sweep, read_csv, sweep_specs,
-                               write_csv)
+from tokensparse.sweep import GRIDS, SweepRow, pick, plot_sweep, read_csv, sweep_specs, write_csv
 from tokensparse.viz import DIM_FACTOR, DPI, token_map, token_maps
 
 VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -44,7 +46,7 @@ def _records(model: torch.nn.Module, spec: str) -> list[LocationInfo]:
     patched = tokensparse.patch(copy.deepcopy(model), spec)
     with torch.inference_mode():
         patched(torch.randn(2, 3, 224, 224))
-    return tokensparse.info(patched)
+    return tokensparse.location_records(patched)
 
 
 def _patches(arr: np.ndarray, grid: int = 14) -> np.ndarray:
@@ -207,7 +209,7 @@ def test_spatial_maps_dim_exactly_the_fast_positions():
         patched(torch.randn(1, 3, 224, 224))
     image = _colourful(2)
     src = _patches(image.astype(np.float32))
-    for loc in tokensparse.info(patched):
+    for loc in tokensparse.location_records(patched):
         assert location_grid(loc, patched) == (14, 14)
         assert location_title(loc).startswith(f"stage 3 block {loc.block}: 196 tok")
         out = _patches(token_map(image, loc, location_grid(loc, patched)))
@@ -239,3 +241,30 @@ def test_sweep_fixed_options_and_training_free_default(tmp_path):
         sweep_specs(["tome:r=4"])
     with pytest.raises(tokensparse.TokenSparseError, match="no training-free method"):
         sweep_specs(model=create_model("convnext_atto"))
+
+
+def test_drawing_leaves_the_global_matplotlib_backend_alone(small_vit, photo, tmp_path):
+    """Figures come from matplotlib's object API: no matplotlib.use, no pyplot."""
+    had_pyplot = "matplotlib.pyplot" in sys.modules
+    original = dict.__getitem__(matplotlib.rcParams, "backend")  # raw value: may be the auto sentinel
+    matplotlib.use("svg")  # a caller's non-Agg choice
+    try:
+        token_maps(small_vit, ["topk:keep_rate=0.5"], photo, out=tmp_path / "maps.png")
+        rows = [SweepRow("none", "none", gmacs=1.0, speedup=1.0)]
+        plot_sweep(rows, tmp_path / "sweep.png")
+        assert matplotlib.rcParams["backend"] == "svg"
+        assert matplotlib.get_backend() == "svg"
+        assert had_pyplot or "matplotlib.pyplot" not in sys.modules
+        for name in ("maps.png", "sweep.png"):
+            with Image.open(tmp_path / name) as img:
+                assert img.format == "PNG"
+    finally:
+        dict.__setitem__(matplotlib.rcParams, "backend", original)
+
+
+def test_only_drawing_modules_import_matplotlib():
+    code = ("import sys, tokensparse, tokensparse.data, tokensparse.measure, tokensparse.train; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"

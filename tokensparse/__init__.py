@@ -4,15 +4,27 @@
 >>> model = timm.create_model("deit_small_patch16_224")
 >>> tokensparse.patch(model, "tome:r=13")  # doctest: +SKIP
 """
+from .api import info, is_patched, list_methods, location_records, patch, patched_method, token_state, unpatch
 from .errors import TokenSparseError
-from .methods import MethodInfo, methods
-from .patch import info, is_patched, patch, unpatch
+from .methods import MethodInfo
 from .spec import format_spec, parse_spec
 from .state import LocationInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "patch", "unpatch", "methods", "info", "is_patched", "parse_spec", "format_spec",
-    "MethodInfo", "LocationInfo", "TokenSparseError", "__version__",
+    "LocationInfo",
+    "MethodInfo",
+    "TokenSparseError",
+    "__version__",
+    "format_spec",
+    "info",
+    "is_patched",
+    "list_methods",
+    "location_records",
+    "parse_spec",
+    "patch",
+    "patched_method",
+    "token_state",
+    "unpatch",
 ]

@@ -7,21 +7,36 @@ exits with code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, NoReturn
 
 import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
+from torch.utils.data import Dataset
 
+from . import __version__
+from .api import list_methods
+from .data import ImageNetFolder, image_dataset
 from .errors import TokenSparseError
+from .families import get_family
+from .measure import BASELINE, build_variants, measure_variants
+from .methods import get_method
+from .methods.dynamicvit import describe
+from .models import create_model
+from .spec import format_spec, parse_spec
+from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
+from .train.calibrate import CalibrateConfig, calibrate_dynamicvit, method_plan
+from .train.config import LearningConfig
+from .train.finetune import CHECKPOINT, PREDICTORS, TrainConfig, finetune_dynamicvit
+from .utils import atomic_write
+from .viz import token_maps
 
-BASELINE = "none"
 DEFAULT_MODEL = "deit_small_patch16_224"
 
 
@@ -38,15 +53,24 @@ class ArgumentParser(argparse.ArgumentParser):
 
 # ----------------------------------------------------------------------------- helpers
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -60,10 +84,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         help="download timm's pretrained weights (needs a model hub)")
 
 
+def command_parser(subparsers: Any, name: str, func: Any, help: str, description: str) -> argparse.ArgumentParser:
+    """The subparser of command ``name`` run by ``func(args)``, with :func:`add_model_args` (every command builds a model)."""
+    parser = subparsers.add_parser(name, help=help, description=description)
+    add_model_args(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
 def add_images_args(parser: argparse.ArgumentParser) -> None:
     """--images / --wnids / --limit."""
     parser.add_argument("--images", metavar="DIR", type=Path,
-                        help="ImageNet-style images: DIR/<wnid>/*.JPEG or DIR/<wnid>_*.JPEG")
+                        help="ImageNet-style images: DIR/<wnid>/*.JPEG or DIR/<wnid>_*.JPEG (calibrate "
+                             "without a class list: any images under DIR)")
     parser.add_argument("--wnids", metavar="FILE", type=Path,
                         help="class list, line i = class i (default: wnids.txt in DIR or "
                              "its parent)")
@@ -81,15 +114,24 @@ def find_wnids(images: Path, wnids: Path | None) -> Path | None:
     return None
 
 
+def add_timing_args(parser: argparse.ArgumentParser, runs: int, warmup: int) -> None:
+    """--batch-size, --threads, --runs, --warmup (the commands that time models)."""
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="torch intra-op threads while timing (default: torch's)")
+    parser.add_argument("--runs", type=positive_int, default=runs, metavar="N",
+                        help=f"timed runs per model; the median is reported (default: {runs})")
+    parser.add_argument("--warmup", type=non_negative_int, default=warmup, metavar="N",
+                        help=f"untimed warm-up runs per model (default: {warmup})")
+
+
 def load_model(args: argparse.Namespace) -> nn.Module:
     """The model named by --model, with --weights / --pretrained applied."""
-    from .models import create_model
     return create_model(args.model, weights=args.weights, pretrained=args.pretrained)
 
 
 def normalise_specs(specs: Sequence[str]) -> list[str]:
     """Canonical spec strings, the baseline ``none`` dropped; error on duplicates."""
-    from .spec import format_spec, parse_spec
     out: list[str] = []
     for spec in specs:
         name, options = parse_spec(spec)
@@ -104,27 +146,13 @@ def normalise_specs(specs: Sequence[str]) -> list[str]:
 
 def default_specs(model: nn.Module) -> list[str]:
     """Every registered method that supports ``model``, at its defaults (error for an unsupported family)."""
-    import tokensparse
-    from .patch import model_family
-    model_family(model)  # names the supported families
-    return [info.name for info in tokensparse.methods() if info.supports(model)]
-
-
-def build_variants(base: nn.Module, specs: Sequence[str]) -> dict[str, nn.Module]:
-    """``{"none": base, spec: patched deep copy of base, ...}`` (identical weights)."""
-    import tokensparse
-    variants = {BASELINE: base}
-    for spec in specs:
-        variants[spec] = tokensparse.patch(copy.deepcopy(base), spec)
-    return variants
+    get_family(model)  # names the supported families
+    return [info.name for info in list_methods() if info.supports(model)]
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON; TokenSparseError if the file cannot be written."""
-    try:
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    except OSError as exc:
-        raise TokenSparseError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
+    """Write ``data`` as JSON (atomically); TokenSparseError if the file cannot be written."""
+    atomic_write(path, lambda f: f.write(json.dumps(data, indent=2) + "\n"), text=True)
 
 
 def fmt(value: float | None, digits: int) -> str:
@@ -134,41 +162,21 @@ def fmt(value: float | None, digits: int) -> str:
 
 # ----------------------------------------------------------------------------- bench
 
-@dataclass
-class BenchRow:
-    """One table / JSON row of ``tokensparse bench``."""
-    method: str
-    gmacs: float | None = None
-    img_per_s: float | None = None
-    speedup: float | None = None
-    top1: float | None = None
-    top5: float | None = None
-    agreement: float | None = None
-
-
 def add_bench_parser(subparsers: Any) -> None:
     """``tokensparse bench``: GMACs, throughput and accuracy of methods vs unreduced."""
-    p = subparsers.add_parser(
-        "bench", help="compare token reduction methods with the unreduced model",
+    p = command_parser(
+        subparsers, "bench", cmd_bench, help="compare token reduction methods with the unreduced model",
         description="Measure GMACs (FLOPs/2, counted from a real forward pass), throughput "
                     "(interleaved, median of runs) and, with weights and --images, top-1/top-5 "
                     "and agreement with the unreduced model, for each --method.")
-    add_model_args(p)
     p.add_argument("--method", action="append", metavar="SPEC",
                    help="method spec, e.g. tome:r=13 (repeatable; default: every method that "
                         "supports the model, at its defaults)")
     add_images_args(p)
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
-    p.add_argument("--threads", type=positive_int, metavar="N",
-                   help="torch intra-op threads while timing (default: torch's)")
+    add_timing_args(p, runs=10, warmup=2)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--runs", type=positive_int, default=10, metavar="N",
-                   help="timed runs per model; the median is reported (default: 10)")
-    p.add_argument("--warmup", type=int, default=2, metavar="N",
-                   help="untimed warm-up runs per model (default: 2)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
-    p.set_defaults(func=cmd_bench)
 
 
 def bench_accuracy_source(
@@ -179,7 +187,6 @@ def bench_accuracy_source(
     """
     wnids = None
     if args.images is not None:
-        from .measure import ImageNetFolder
         wnids = find_wnids(args.images, args.wnids)
         ImageNetFolder(args.images, wnids)  # fail fast on a bad folder or class list
     if args.weights is None and not args.pretrained:
@@ -191,35 +198,17 @@ def bench_accuracy_source(
 
 
 def run_bench(args: argparse.Namespace, variants: dict[str, nn.Module],
-              accuracy_source: tuple[Path, Path | None] | None) -> list[BenchRow]:
-    """Measure every variant; the first row is the unreduced model."""
-    from .measure import compare_throughput, evaluate_many, gmacs
-    from .measure._common import progress_bar
-
-    rows = {name: BenchRow(name) for name in variants}
-    with progress_bar("GMACs", len(variants)) as advance:
-        for name, model in variants.items():
-            rows[name].gmacs = gmacs(model)
-            advance(1)
-    total = (args.warmup + args.runs) * len(variants)
-    with progress_bar("throughput", total) as advance:
-        speed = compare_throughput(variants, batch_size=args.batch_size, threads=args.threads,
-                                   device=args.device, dtype=args.dtype, warmup=args.warmup,
-                                   runs=args.runs, progress=lambda done, _: advance(1))
-    for name, ips in speed.items():
-        rows[name].img_per_s = ips
-        rows[name].speedup = ips / speed[BASELINE]
-    if accuracy_source is not None:
-        images, wnids = accuracy_source
-        acc = evaluate_many(variants, images, wnids, reference_key=BASELINE,
-                            batch_size=args.batch_size, device=args.device, limit=args.limit)
-        for name, res in acc.items():
-            rows[name].top1, rows[name].top5 = res["top1"], res["top5"]
-            rows[name].agreement = res["agreement"]
-    return list(rows.values())
+              accuracy_source: tuple[Path, Path | None] | None) -> list[dict[str, Any]]:
+    """One row per variant, the unreduced model first: ``{"method": spec, **metrics}`` with the
+    keys ``method`` and :data:`tokensparse.measure.compare.METRICS` (the table and JSON rows)."""
+    images, wnids = accuracy_source if accuracy_source is not None else (None, None)
+    results = measure_variants(variants, BASELINE, images, wnids, limit=args.limit,
+                               batch_size=args.batch_size, threads=args.threads, device=args.device,
+                               dtype=args.dtype, runs=args.runs, warmup=args.warmup)
+    return [{"method": name, **metrics} for name, metrics in results.items()]
 
 
-def bench_table(args: argparse.Namespace, rows: Sequence[BenchRow], threads: int) -> Table:
+def bench_table(args: argparse.Namespace, rows: Sequence[dict[str, Any]], threads: int) -> Table:
     """The rich table printed by ``tokensparse bench``."""
     table = Table(
         title=f"{args.model} | batch {args.batch_size} | {threads} threads | {args.device} "
@@ -230,17 +219,15 @@ def bench_table(args: argparse.Namespace, rows: Sequence[BenchRow], threads: int
     for header in ("GMACs", "img/s", "speed-up", "top-1 %", "top-5 %", "agree %"):
         table.add_column(header, justify="right")
     for r in rows:
-        table.add_row(r.method, fmt(r.gmacs, 3), fmt(r.img_per_s, 1),
-                      "-" if r.speedup is None else f"{r.speedup:.2f}x",
-                      fmt(r.top1, 1), fmt(r.top5, 1), fmt(r.agreement, 1))
+        table.add_row(r["method"], fmt(r["gmacs"], 3), fmt(r["img_per_s"], 1),
+                      "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+                      fmt(r["top1"], 1), fmt(r["top5"], 1), fmt(r["agreement"], 1))
     return table
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``tokensparse bench``."""
     console = Console()
-    if args.warmup < 0:
-        raise TokenSparseError(f"--warmup must be >= 0, got {args.warmup}")
     specs = normalise_specs(args.method) if args.method else None
     base = load_model(args)
     accuracy_source, note = bench_accuracy_source(args)
@@ -251,128 +238,135 @@ def cmd_bench(args: argparse.Namespace) -> int:
     threads = args.threads or torch.get_num_threads()
     console.print(bench_table(args, rows, threads))
     if args.json is not None:
-        write_json(args.json, [asdict(r) for r in rows])
+        write_json(args.json, rows)
         console.print(f"wrote {args.json}")
     return 0
 
 
 # ----------------------------------------------------------------------------- train / calibrate (DynamicViT)
 
-def add_learning_args(parser: argparse.ArgumentParser) -> None:
-    """--model/--weights, --method (a dynamicvit spec), --images/--wnids/--limit and --split."""
-    add_model_args(parser)
+#: LearningConfig field -> command-line option destination, for the options train and calibrate share
+LEARNING_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "weight_decay": "weight_decay",
+                    "warmup_epochs": "warmup_epochs", "ratio_weight": "ratio_weight",
+                    "distill_weight": "distill_weight", "token_weight": "token_weight", "seed": "seed",
+                    "num_workers": "workers"}
+
+
+def add_learning_args(parser: argparse.ArgumentParser, config: type[LearningConfig], device: str | None,
+                      device_help: str) -> None:
+    """What train and calibrate share: --method (a dynamicvit spec),
+    --images/--wnids/--limit, --split, the :data:`LEARNING_OPTIONS` (defaults from ``config``),
+    --threads and --device."""
     parser.add_argument("--method", default="dynamicvit", metavar="SPEC",
                         help="dynamicvit spec, e.g. dynamicvit:rho=0.7 (default: dynamicvit)")
     add_images_args(parser)
     parser.add_argument("--split", choices=("all", "even", "odd"), default="all",
                         help="use all images, or only the even / odd positions of the sorted list")
+    parser.add_argument("--epochs", type=non_negative_int, default=config.epochs, metavar="N",
+                        help="training epochs; for calibrate, the end-to-end distillation epochs after "
+                             "--imitation-epochs (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=config.batch_size, metavar="N",
+                        help="per process (default: %(default)s)")
+    parser.add_argument("--lr", type=float, default=config.lr,
+                        help="learning rate of DynamicViT's new parts (default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=config.weight_decay, help="(default: %(default)s)")
+    parser.add_argument("--warmup-epochs", type=float, default=config.warmup_epochs, help="(default: %(default)s)")
+    parser.add_argument("--ratio-weight", type=float, default=config.ratio_weight,
+                        help="ratio loss weight (default: 2.0 for ViTs, 10.0 for ConvNeXt / Swin)")
+    parser.add_argument("--distill-weight", type=float, default=config.distill_weight,
+                        help="KL to the teacher's logits (default: %(default)s)")
+    parser.add_argument("--token-weight", type=float, default=config.token_weight,
+                        help="MSE to the teacher's final kept tokens / feature map (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=config.seed)
+    parser.add_argument("--workers", type=non_negative_int, default=config.num_workers, metavar="N",
+                        help="data loader workers (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads")
+    parser.add_argument("--device", default=device, help=device_help)
+
+
+def learning_setup(args: argparse.Namespace) -> nn.Module:
+    """Apply --threads and load the model (the start of train and calibrate)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return load_model(args)
+
+
+def learning_config(config: type[LearningConfig], args: argparse.Namespace, **options: Any) -> Any:
+    """``config`` from the shared :data:`LEARNING_OPTIONS` of ``args`` and the command's own ``options``."""
+    return config(**{field: getattr(args, dest) for field, dest in LEARNING_OPTIONS.items()}, **options)
+
+
+def training_images(args: argparse.Namespace, model: nn.Module, training: bool, labels: bool) -> Dataset:
+    """The --images folder with the model's transforms, --limit and --split applied.
+
+    ``labels``: the folder must be labelled (ImageNet layouts); otherwise it is read as
+    labelled only when a class list is given or found, else as an unlabelled folder.
+    """
+    if args.images is None:
+        raise TokenSparseError("--images DIR is required")
+    wnids = find_wnids(args.images, args.wnids)
+    return image_dataset(args.images, model, wnids, training=training, split=args.split, limit=args.limit,
+                         labelled=labels or wnids is not None)
 
 
 def add_train_parser(subparsers: Any) -> None:
     """``tokensparse train``: fine-tune a DynamicViT model (torchrun for several processes/nodes)."""
-    p = subparsers.add_parser(
-        "train", help="fine-tune DynamicViT's new parts and the backbone on an image folder",
+    p = command_parser(
+        subparsers, "train", cmd_train, help="fine-tune DynamicViT's new parts and the backbone on an image folder",
         description="Fine-tune a timm ViT, ConvNeXt or Swin with DynamicViT (CE + ratio loss + "
                     "distillation from the unreduced model). Run under torchrun for "
                     "DistributedDataParallel (gloo on CPU, nccl on GPUs). Checkpoints go to "
                     "OUT/checkpoint.pt after every epoch (and every --checkpoint-every steps), the "
                     "learned parts to OUT/predictors.safetensors.")
-    add_learning_args(p)
+    add_learning_args(p, TrainConfig, device=None, device_help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint / predictors folder")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="FILE",
                    help="continue from OUT/checkpoint.pt (or FILE) exactly where it stopped")
-    p.add_argument("--epochs", type=positive_int, default=30, metavar="N")
-    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="per process (default: 64)")
-    p.add_argument("--lr", type=float, default=1e-3, help="predictor learning rate (default: 1e-3)")
-    p.add_argument("--backbone-lr-scale", type=float, default=0.01, help="backbone lr = lr x this (default: 0.01)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--warmup-epochs", type=float, default=5.0)
-    p.add_argument("--ratio-weight", type=float, default=None,
-                   help="ratio loss weight (default: 2.0 for ViTs, 10.0 for ConvNeXt / Swin)")
-    p.add_argument("--distill-weight", type=float, default=0.5, help="KL to the teacher's logits (default: 0.5)")
-    p.add_argument("--token-weight", type=float, default=0.5,
-                   help="MSE to the teacher's final kept tokens / feature map (default: 0.5)")
+    p.add_argument("--backbone-lr-scale", type=float, default=TrainConfig.backbone_lr_scale,
+                   help="backbone lr = lr x this (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
     p.add_argument("--checkpoint-every", type=positive_int, metavar="N", help="also checkpoint every N steps")
     p.add_argument("--max-steps", type=positive_int, metavar="N", help="stop after N optimiser steps in all")
-    p.add_argument("--workers", type=int, default=2, metavar="N", help="data loader workers (default: 2)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
-    p.set_defaults(func=cmd_train)
-
-
-def _training_images(args: argparse.Namespace, model: nn.Module, training: bool) -> Any:
-    """The --images folder with the model's transforms, --limit and --split applied."""
-    from torch.utils.data import Subset
-
-    from .train.finetune import image_dataset, split_dataset
-    if args.images is None:
-        raise TokenSparseError("--images DIR is required")
-    data = image_dataset(args.images, model, find_wnids(args.images, args.wnids), training=training)
-    if args.limit is not None:
-        data = Subset(data, range(min(args.limit, len(data))))
-    return split_dataset(data, args.split)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``tokensparse train``."""
-    from .train.finetune import TrainConfig, finetune
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.workers < 0:
-        raise TokenSparseError(f"--workers must be >= 0, got {args.workers}")
-    model = load_model(args)
-    data = _training_images(args, model, training=True)
-    cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, backbone_lr_scale=args.backbone_lr_scale,
-        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, ratio_weight=args.ratio_weight,
-        distill_weight=args.distill_weight, token_weight=args.token_weight, bf16=args.bf16, seed=args.seed,
-        num_workers=args.workers, checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
-    finetune(model, data, args.out, args.method, cfg, resume=args.resume, device=args.device)
+    model = learning_setup(args)
+    data = training_images(args, model, training=True, labels=True)
+    cfg = learning_config(TrainConfig, args, backbone_lr_scale=args.backbone_lr_scale, bf16=args.bf16,
+                          checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
+    finetune_dynamicvit(model, data, args.out, args.method, cfg, resume=args.resume, device=args.device)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        Console().print(f"trained on {len(data)} images; checkpoint {args.out / 'checkpoint.pt'}, "
-                        f"predictors {args.out / 'predictors.safetensors'}")
+        Console().print(f"trained on {len(data)} images; checkpoint {args.out / CHECKPOINT}, "
+                        f"predictors {args.out / PREDICTORS}")
     return 0
 
 
 def add_calibrate_parser(subparsers: Any) -> None:
     """``tokensparse calibrate``: train only DynamicViT predictors, backbone frozen, no labels."""
-    p = subparsers.add_parser(
-        "calibrate", help="train DynamicViT's predictors (and fast paths) on unlabelled images, backbone frozen",
+    p = command_parser(
+        subparsers, "calibrate", cmd_calibrate, help="train DynamicViT's predictors (and fast paths) on unlabelled images, backbone frozen",
         description="Freeze the model and train only DynamicViT's new parts (prediction modules; "
                     "for ConvNeXt / Swin also the fast paths) by distillation from the unreduced "
                     "model (KL + token or feature-map MSE + ratio loss) on an image folder (labels "
-                    "unused). Writes them as safetensors, for '--method dynamicvit:predictors=FILE'.")
-    add_learning_args(p)
+                    "unused: without a class list, every image under DIR is used, any names). Writes "
+                    "them as safetensors, for '--method dynamicvit:predictors=FILE'.")
+    add_learning_args(p, CalibrateConfig, device="cpu", device_help="torch device (default: cpu)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="predictors .safetensors file")
-    p.add_argument("--epochs", type=int, default=3, metavar="N", help="end-to-end distillation epochs (default: 3)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
-    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--no-flip", action="store_true", help="do not add mirrored copies of the images")
-    p.add_argument("--imitation-epochs", type=int, default=30, metavar="N",
-                   help="warm-start epochs imitating the teacher's class-attention ranking (0: off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_calibrate)
+    p.add_argument("--imitation-epochs", type=non_negative_int, default=CalibrateConfig.imitation_epochs,
+                   metavar="N", help="warm-start epochs imitating the teacher's class-attention ranking "
+                                     "(0: off; default: %(default)s)")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Run ``tokensparse calibrate``."""
-    import time
-
-    from .methods.dynamicvit import describe
-    from .train.calibrate import CalibrateConfig, calibrate, method_plan
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model = load_model(args)
+    model = learning_setup(args)
     method_plan(model, args.method)  # fail fast on a bad spec or model
-    data = _training_images(args, model, training=False)
-    cfg = CalibrateConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                          flip=not args.no_flip, imitation_epochs=args.imitation_epochs, seed=args.seed)
+    data = training_images(args, model, training=False, labels=False)
+    cfg = learning_config(CalibrateConfig, args, flip=not args.no_flip, imitation_epochs=args.imitation_epochs)
     start = time.perf_counter()
-    calibrate(model, data, args.method, cfg, out=args.out, device=args.device)
+    calibrate_dynamicvit(model, data, args.method, cfg, out=args.out, device=args.device)
     d = describe(model)
     Console().print(f"calibrated {len(data)} images in {time.perf_counter() - start:.1f} s; locations "
                     f"{d['locations']}, tokens kept {d['tokens']}; wrote {args.out}")
@@ -383,30 +377,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 def add_viz_parser(subparsers: Any) -> None:
     """``tokensparse viz``: token maps of one image, one row per method."""
-    p = subparsers.add_parser(
-        "viz", help="draw which patches each method keeps, drops or merges on one image",
+    p = command_parser(
+        subparsers, "viz", cmd_viz, help="draw which patches each method keeps, drops or merges on one image",
         description="Run each --method on one image and draw, for every reduction location, the "
                     "image with dropped patches greyed out, merged patches tinted by group and "
                     "method masks (e.g. Evo-ViT's informative tokens) highlighted.")
-    add_model_args(p)
     p.add_argument("--method", action="append", required=True, metavar="SPEC",
                    help="method spec, e.g. tome:r=13 (repeatable: one row each)")
     p.add_argument("--image", type=Path, required=True, metavar="FILE", help="input image")
     p.add_argument("--out", type=Path, default=Path("token_maps.png"), metavar="PNG",
                    help="output PNG (default: token_maps.png)")
-    p.set_defaults(func=cmd_viz)
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
     """Run ``tokensparse viz``."""
-    from .viz import token_maps
     specs = normalise_specs(args.method)
     if not specs:
         raise TokenSparseError("give at least one --method other than 'none'")
     if not args.image.is_file():
         raise TokenSparseError(f"image file not found: {str(args.image)!r}")
-    from .methods import get_method
-    from .spec import parse_spec
     for spec in specs:
         get_method(parse_spec(spec)[0])  # unknown method: fail before building the model
     model = load_model(args)
@@ -417,12 +406,11 @@ def cmd_viz(args: argparse.Namespace) -> int:
 
 def add_sweep_parser(subparsers: Any) -> None:
     """``tokensparse sweep``: accuracy vs speed-up over each method's main knob."""
-    p = subparsers.add_parser(
-        "sweep", help="sweep each method's main knob: accuracy against speed-up (CSV + PNG)",
+    p = command_parser(
+        subparsers, "sweep", cmd_sweep, help="sweep each method's main knob: accuracy against speed-up (CSV + PNG)",
         description="For each --method, measure every value of its main knob (see "
                     "tokensparse.sweep.GRIDS) with the unreduced model in the same run: GMACs, "
                     "speed-up, top-1/top-5 and agreement. Writes OUT/sweep.csv and OUT/sweep.png.")
-    add_model_args(p)
     add_images_args(p)
     p.add_argument("--method", action="append", metavar="NAME",
                    help="method name, or NAME:key=value,... to fix other options (repeatable; default: "
@@ -431,23 +419,15 @@ def add_sweep_parser(subparsers: Any) -> None:
                    help="use only N values of each grid, spread evenly (default: all)")
     p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                    help="folder for sweep.csv and sweep.png (default: .)")
-    p.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
-    p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads while timing")
-    p.add_argument("--runs", type=positive_int, default=5, metavar="N",
-                   help="timed runs per model; the median is reported (default: 5)")
-    p.add_argument("--warmup", type=int, default=1, metavar="N", help="untimed warm-up runs (default: 1)")
+    add_timing_args(p, runs=5, warmup=1)
     p.add_argument("--x-axis", choices=("speedup", "gmacs"), default="speedup",
                    help="plot against measured speed-up, or against the GMACs reduction "
                         "(deterministic; for noisy machines) (default: speedup)")
-    p.set_defaults(func=cmd_sweep)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Run ``tokensparse sweep``."""
-    from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
     console = Console()
-    if args.warmup < 0:
-        raise TokenSparseError(f"--warmup must be >= 0, got {args.warmup}")
     if args.method:
         sweep_specs(args.method)  # unknown method: fail before building the model
     base = load_model(args)
@@ -476,7 +456,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def build_parser() -> ArgumentParser:
     """The ``tokensparse`` parser with one subparser per command."""
-    from . import __version__
     parser = ArgumentParser(prog="tokensparse",
                             description="Token reduction for timm vision transformers.")
     parser.add_argument("--version", action="version", version=f"tokensparse {__version__}")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import timm
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from .errors import TokenSparseError
@@ -73,7 +75,6 @@ def _first_line(exc: BaseException) -> str:
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file onto the CPU."""
-    from safetensors.torch import load_file
     return load_file(str(path), device="cpu")
 
 

@@ -6,17 +6,21 @@ images. :data:`GRIDS` holds the swept values per method; unregistered methods ar
 """
 from __future__ import annotations
 
-import copy
 import csv
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
 
+from matplotlib.figure import Figure
 from torch import nn
 
 from .errors import TokenSparseError
-
-BASELINE = "none"
+from .measure import BASELINE, build_variants, measure_variants
+from .methods import REGISTRY, get_method
+from .spec import format_spec, parse_spec
+from .utils import atomic_write
+from .viz import save_figure
 
 #: method name -> (option swept, values); one table for every method.
 GRIDS: dict[str, tuple[str, tuple[Any, ...]]] = {
@@ -35,16 +39,16 @@ class SweepRow:
     method: str
     spec: str
     knob: str = ""
-    value: Optional[float] = None
-    gmacs: Optional[float] = None
-    img_per_s: Optional[float] = None
-    speedup: Optional[float] = None
-    top1: Optional[float] = None
-    top5: Optional[float] = None
-    agreement: Optional[float] = None
+    value: float | None = None
+    gmacs: float | None = None
+    img_per_s: float | None = None
+    speedup: float | None = None
+    top1: float | None = None
+    top5: float | None = None
+    agreement: float | None = None
 
 
-def pick(values: Sequence[Any], points: Optional[int]) -> list[Any]:
+def pick(values: Sequence[Any], points: int | None) -> list[Any]:
     """``points`` values spread evenly over ``values`` (ends included); all when None."""
     if points is None or points >= len(values):
         return list(values)
@@ -54,8 +58,8 @@ def pick(values: Sequence[Any], points: Optional[int]) -> list[Any]:
     return [values[round(i * step)] for i in range(points)]
 
 
-def sweep_specs(methods: Optional[Sequence[str]] = None, points: Optional[int] = None,
-                model: Optional[nn.Module] = None) -> list[SweepRow]:
+def sweep_specs(methods: Sequence[str] | None = None, points: int | None = None,
+                model: nn.Module | None = None) -> list[SweepRow]:
     """Rows (unmeasured) for every swept spec, the unreduced model first.
 
     ``methods``: names from :data:`GRIDS`, or specs ``NAME:key=value,...`` whose options stay
@@ -63,8 +67,6 @@ def sweep_specs(methods: Optional[Sequence[str]] = None, points: Optional[int] =
     method in :data:`GRIDS` that supports ``model`` and works without training. An unknown
     or unswept name is an error.
     """
-    from .methods import REGISTRY, get_method
-    from .spec import format_spec, parse_spec
     if methods is None:
         chosen = [(n, {}) for n in GRIDS if n in REGISTRY and not get_method(n).needs_training
                   and (model is None or get_method(n)().supports(model))]
@@ -91,58 +93,33 @@ def sweep_specs(methods: Optional[Sequence[str]] = None, points: Optional[int] =
 
 def build_models(base: nn.Module, rows: Sequence[SweepRow]) -> dict[str, nn.Module]:
     """``{spec: model}``: the base for ``none``, patched deep copies for the rest."""
-    import tokensparse
-    models = {}
-    for row in rows:
-        models[row.spec] = base if row.spec == BASELINE else tokensparse.patch(copy.deepcopy(base), row.spec)
-    return models
+    return build_variants(base, [r.spec for r in rows])
 
 
 def measure(rows: Sequence[SweepRow], models: dict[str, nn.Module],
-            images: Optional[Union[str, Path]], wnids: Optional[Union[str, Path]] = None,
-            limit: Optional[int] = None, batch_size: int = 32, threads: Optional[int] = None,
-            runs: int = 5, warmup: int = 1, progress: Callable[[str, int], Any] | None = None
-            ) -> list[SweepRow]:
-    """Fill in GMACs, throughput, speed-up and (with ``images``) accuracy of every row.
-
-    ``progress(description, total)`` returns a context manager yielding ``advance(n)``
-    (e.g. :func:`tokensparse.measure._common.progress_bar`).
-    """
-    from .measure import compare_throughput, evaluate_many, gmacs
-    from .measure._common import progress_bar
-    bar = progress or progress_bar
-    by_spec = {r.spec: r for r in rows}
-    with bar("GMACs", len(models)) as advance:
-        for spec, model in models.items():
-            by_spec[spec].gmacs = gmacs(model)
-            advance(1)
-    with bar("throughput", (warmup + runs) * len(models)) as advance:
-        speed = compare_throughput(models, batch_size=batch_size, threads=threads, warmup=warmup,
-                                   runs=runs, progress=lambda done, total: advance(1))
-    for spec, ips in speed.items():
-        by_spec[spec].img_per_s = ips
-        by_spec[spec].speedup = ips / speed[BASELINE]
-    if images is not None:
-        acc = evaluate_many(models, images, wnids, reference_key=BASELINE,
-                            batch_size=batch_size, limit=limit)  # its own progress bar
-        for spec, res in acc.items():
-            r = by_spec[spec]
-            r.top1, r.top5, r.agreement = res["top1"], res["top5"], res["agreement"]
+            images: str | Path | None, wnids: str | Path | None = None,
+            limit: int | None = None, batch_size: int = 32, threads: int | None = None,
+            runs: int = 5, warmup: int = 1, progress: bool = True) -> list[SweepRow]:
+    """Fill in GMACs, throughput, speed-up and (with ``images``) accuracy of every row
+    (:func:`tokensparse.measure.measure_variants`, the unreduced row as the baseline)."""
+    results = measure_variants(models, BASELINE, images, wnids, limit=limit, batch_size=batch_size,
+                               threads=threads, runs=runs, warmup=warmup, progress=progress)
+    for row in rows:
+        for key, value in results[row.spec].items():
+            setattr(row, key, value)
     return list(rows)
 
 
-def write_csv(rows: Sequence[SweepRow], path: Union[str, Path]) -> Path:
-    """Write rows with columns method, spec, knob, value, gmacs, img_per_s, speedup, top1, top5, agreement."""
-    path = Path(path)
-    try:
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(SweepRow)])
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
-    except OSError as exc:
-        raise TokenSparseError(f"cannot write {str(path)!r}: {exc.strerror or exc}") from None
-    return path
+def write_csv(rows: Sequence[SweepRow], path: str | Path) -> Path:
+    """Write rows (atomically) with columns method, spec, knob, value, gmacs, img_per_s, speedup,
+    top1, top5, agreement."""
+    def write(f: Any) -> None:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(SweepRow)])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
+
+    return atomic_write(path, write, text=True)
 
 
 #: x axes of :func:`plot_sweep`: row -> x value, and the axis label.
@@ -152,7 +129,7 @@ X_AXES: dict[str, str] = {
 }
 
 
-def x_values(rows: Sequence[SweepRow], x: str) -> list[Optional[float]]:
+def x_values(rows: Sequence[SweepRow], x: str) -> list[float | None]:
     """The x coordinate of every row: measured speed-up, or unreduced GMACs / GMACs."""
     if x == "speedup":
         return [r.speedup for r in rows]
@@ -162,7 +139,7 @@ def x_values(rows: Sequence[SweepRow], x: str) -> list[Optional[float]]:
     raise TokenSparseError(f"x axis must be one of {', '.join(X_AXES)}, got {x!r}")
 
 
-def _panel(ax: Any, rows: Sequence[SweepRow], xs: Sequence[Optional[float]], metric: str,
+def _panel(ax: Any, rows: Sequence[SweepRow], xs: Sequence[float | None], metric: str,
            label: str) -> None:
     """One accuracy panel: a line per method in knob order, the unreduced model starred."""
     methods = list(dict.fromkeys(r.method for r in rows if r.method != BASELINE))
@@ -171,7 +148,7 @@ def _panel(ax: Any, rows: Sequence[SweepRow], xs: Sequence[Optional[float]], met
                      if r.method == name and x is not None and getattr(r, metric) is not None)
         if not pts:
             continue
-        vs, px, py = zip(*pts)
+        _, px, py = zip(*pts)
         line, = ax.plot(px, py, marker="o", label=f"{name} ({rows_knob(rows, name)})")
         for v, x, y in pts:
             ax.annotate(f"{v:g}", (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points",
@@ -189,21 +166,20 @@ def rows_knob(rows: Sequence[SweepRow], method: str) -> str:
     return next((r.knob for r in rows if r.method == method), "")
 
 
-def plot_sweep(rows: Sequence[SweepRow], out: Optional[Union[str, Path]] = None,
+def plot_sweep(rows: Sequence[SweepRow], out: str | Path | None = None,
                title: str = "", x: str = "speedup") -> Any:
     """Figure of top-1 and agreement (GMACs without accuracy) against ``x`` (see :data:`X_AXES`).
 
-    Each method's points are joined in knob order and labelled with the knob value.
+    Each method's points are joined in knob order and labelled with the knob value. The
+    figure is a plain :class:`matplotlib.figure.Figure` (no pyplot, the global backend is left
+    alone).
     """
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     xs = x_values(rows, x)
     has_acc = any(r.top1 is not None for r in rows)
     panels = [("top1", "top-1 (%)"), ("agreement", "agreement with unreduced (%)")] if has_acc \
         else [("gmacs", "GMACs")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    fig = Figure(figsize=(6 * len(panels), 4.5))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (metric, label) in zip(axes[0], panels):
         _panel(ax, rows, xs, metric, label)
         ax.set_xlabel(X_AXES[x])
@@ -212,12 +188,11 @@ def plot_sweep(rows: Sequence[SweepRow], out: Optional[Union[str, Path]] = None,
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     if out is not None:
-        from .viz import save_figure
         save_figure(fig, out)
     return fig
 
 
-def read_csv(path: Union[str, Path]) -> list[SweepRow]:
+def read_csv(path: str | Path) -> list[SweepRow]:
     """Rows from a CSV written by :func:`write_csv` (to re-plot without re-measuring)."""
     try:
         with Path(path).open(newline="", encoding="utf-8") as f:
@@ -229,9 +204,9 @@ def read_csv(path: Union[str, Path]) -> list[SweepRow]:
                         for k, v in rec.items()}) for rec in records]
 
 
-def sweep(model: nn.Module, images: Optional[Union[str, Path]] = None,
-          wnids: Optional[Union[str, Path]] = None, methods: Optional[Sequence[str]] = None,
-          points: Optional[int] = None, **kwargs: Any) -> list[SweepRow]:
+def run_sweep(model: nn.Module, images: str | Path | None = None,
+          wnids: str | Path | None = None, methods: Sequence[str] | None = None,
+          points: int | None = None, **kwargs: Any) -> list[SweepRow]:
     """Sweep every method's knob on ``model`` and measure each point (see :func:`measure`)."""
     rows = sweep_specs(methods, points, model)
     return measure(rows, build_models(model, rows), images, wnids, **kwargs)

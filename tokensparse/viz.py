@@ -16,16 +16,25 @@ Drawing rules (generic over methods, from ``LocationInfo`` alone):
 """
 from __future__ import annotations
 
+import colorsys
 import copy
+import textwrap
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import nn
 
+from .api import location_records, patch
+from .data import data_config, load_rgb, model_transform
 from .errors import TokenSparseError
+from .models import create_model
+from .spec import format_spec, parse_spec
 from .state import LocationInfo
+from .utils import atomic_write
 
 GREY_BASE = 0.55
 GREY_SCALE = 0.35
@@ -39,26 +48,12 @@ LEGEND = ("grey: dropped patches | tinted + outlined: patches merged into one to
 
 # ----------------------------------------------------------------------------- image input
 
-def data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's data config of ``model`` (input size, mean, std, interpolation, crop)."""
-    import timm.data
-    return timm.data.resolve_data_config({}, model=model)
-
-
-def load_image(path: Union[str, Path], model: nn.Module) -> torch.Tensor:
+def load_image(path: str | Path, model: nn.Module) -> torch.Tensor:
     """``(1, 3, H, W)`` image preprocessed with ``model``'s timm eval transform."""
-    import timm.data
-    from PIL import Image, UnidentifiedImageError
     path = Path(path)
     if not path.is_file():
         raise TokenSparseError(f"image file not found: {str(path)!r}")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise TokenSparseError(f"cannot read image {str(path)!r}: {exc}") from None
-    transform = timm.data.create_transform(**data_config(model))
-    return transform(img).unsqueeze(0)
+    return model_transform(model)(load_rgb(path)).unsqueeze(0)
 
 
 def denormalise(x: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
@@ -73,12 +68,11 @@ def denormalise(x: torch.Tensor, config: dict[str, Any]) -> np.ndarray:
 
 def group_colour(token: int) -> np.ndarray:
     """A distinct, saturated RGB colour for token index ``token`` (golden-ratio hues)."""
-    import colorsys
     hue = (token * GOLDEN) % 1.0
     return np.array(colorsys.hsv_to_rgb(hue, 0.85, 0.95))
 
 
-def mask_key(loc: LocationInfo) -> Optional[str]:
+def mask_key(loc: LocationInfo) -> str | None:
     """Name of the first ``(B, N0)`` bool record in ``loc.extra`` (e.g. ``informative``), or None."""
     shape = tuple(loc.patch_to_token.shape)
     for key, value in loc.extra.items():
@@ -100,7 +94,6 @@ def _patch_view(img: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 def _outline(patches: np.ndarray, tokens: np.ndarray, merged: np.ndarray,
              colours: np.ndarray) -> None:
     """Draw a 1-pixel border (in place) on merged patches along edges to other tokens."""
-    gh, gw = tokens.shape
     padded = np.pad(tokens, 1, constant_values=-2)
     for i, j in zip(*np.nonzero(merged)):
         edge = colours[i, j] * 0.5
@@ -116,7 +109,7 @@ def _outline(patches: np.ndarray, tokens: np.ndarray, merged: np.ndarray,
 
 
 def token_map(image: np.ndarray, loc: LocationInfo, grid: tuple[int, int], index: int = 0,
-              mask: Optional[str] = None) -> np.ndarray:
+              mask: str | None = None) -> np.ndarray:
     """The ``(H, W, 3)`` map of one location for image ``index`` of the batch.
 
     Args:
@@ -165,13 +158,12 @@ def location_title(loc: LocationInfo, index: int = 0) -> str:
 
 # ----------------------------------------------------------------------------- running models
 
-def _resolve_model(model: Union[str, nn.Module], weights: Optional[Union[str, Path]]) -> nn.Module:
+def _resolve_model(model: str | nn.Module, weights: str | Path | None) -> nn.Module:
     """A model from a name (with optional weights) or the module itself (eval mode)."""
     if isinstance(model, nn.Module):
         if weights is not None:
             raise TokenSparseError("weights can only be given with a model name")
         return model.eval()
-    from .models import create_model
     return create_model(model, weights=weights)
 
 
@@ -185,12 +177,11 @@ def model_name(model: nn.Module) -> str:
 def method_maps(model: nn.Module, spec: str, x: torch.Tensor,
                 image: np.ndarray) -> list[tuple[str, np.ndarray]]:
     """``[(title, map)]`` per location of ``spec`` on input ``x`` (``model`` is not modified)."""
-    import tokensparse
-    patched = tokensparse.patch(copy.deepcopy(model), spec).eval()
+    patched = patch(copy.deepcopy(model), spec).eval()
     with torch.inference_mode():
         patched(x)
     return [(location_title(loc), token_map(image, loc, location_grid(loc, model)))
-            for loc in tokensparse.info(patched)]
+            for loc in location_records(patched)]
 
 
 def location_grid(loc: LocationInfo, model: nn.Module) -> tuple[int, int]:
@@ -203,8 +194,8 @@ def location_grid(loc: LocationInfo, model: nn.Module) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
-def compute_maps(model: Union[str, nn.Module], methods: Sequence[str], image: Union[str, Path],
-                 weights: Optional[Union[str, Path]] = None
+def compute_maps(model: str | nn.Module, methods: Sequence[str], image: str | Path,
+                 weights: str | Path | None = None
                  ) -> tuple[np.ndarray, dict[str, list[tuple[str, np.ndarray]]]]:
     """The de-normalised input and ``{spec: [(title, map), ...]}`` for each method."""
     if not methods:
@@ -218,8 +209,6 @@ def compute_maps(model: Union[str, nn.Module], methods: Sequence[str], image: Un
 def display_spec(spec: str, width: int = 28) -> str:
     """``spec`` for a panel title: the name, then its options wrapped to ``width`` characters,
     file paths shortened to their names (``predictors=/a/b/p.safetensors`` -> ``p.safetensors``)."""
-    import textwrap
-    from .spec import format_spec, parse_spec
     name, options = parse_spec(spec)
     short = {k: Path(v).name if isinstance(v, str) and ("/" in v or "\\" in v) else v for k, v in options.items()}
     text = format_spec(name, short)
@@ -231,14 +220,14 @@ def display_spec(spec: str, width: int = 28) -> str:
 
 def draw_maps(picture: np.ndarray, maps: dict[str, list[tuple[str, np.ndarray]]],
               title: str = "") -> Any:
-    """A matplotlib Figure: one row per method, the input then one panel per location."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A matplotlib Figure: one row per method, the input then one panel per location.
 
+    A plain :class:`matplotlib.figure.Figure` (no pyplot, the global backend is left alone).
+    """
     cols = 1 + max((len(m) for m in maps.values()), default=0)
     rows = len(maps)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.9 * cols, 2.4 * rows), squeeze=False)
+    fig = Figure(figsize=(1.9 * cols, 2.4 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for r, (spec, panels) in enumerate(maps.items()):
         axes[r, 0].imshow(picture)
         axes[r, 0].set_title("input", fontsize=7)
@@ -258,19 +247,17 @@ def draw_maps(picture: np.ndarray, maps: dict[str, list[tuple[str, np.ndarray]]]
     return fig
 
 
-def save_figure(fig: Any, out: Union[str, Path], dpi: int = DPI) -> Path:
-    """Write ``fig`` as PNG; TokenSparseError if the file cannot be written."""
+def save_figure(fig: Any, out: str | Path, dpi: int = DPI) -> Path:
+    """Write ``fig`` atomically, in the format its suffix names (PNG without one);
+    TokenSparseError if the file cannot be written."""
     out = Path(out)
-    try:
-        fig.savefig(out, dpi=dpi)
-    except OSError as exc:
-        raise TokenSparseError(f"cannot write {str(out)!r}: {exc.strerror or exc}") from None
-    return out
+    fmt = out.suffix[1:].lower() or "png"
+    return atomic_write(out, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
 
 
-def token_maps(model: Union[str, nn.Module], methods: Sequence[str], image: Union[str, Path],
-               out: Optional[Union[str, Path]] = None,
-               weights: Optional[Union[str, Path]] = None) -> Any:
+def token_maps(model: str | nn.Module, methods: Sequence[str], image: str | Path,
+               out: str | Path | None = None,
+               weights: str | Path | None = None) -> Any:
     """Token maps of several methods on one image as a matplotlib Figure (saved to ``out``).
 
     Args:

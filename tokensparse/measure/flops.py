@@ -1,7 +1,8 @@
 """FLOPs / MACs counted from a real forward pass (data-dependent token counts included)."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import timm.data
 import torch

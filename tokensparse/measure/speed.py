@@ -4,13 +4,14 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import TokenSparseError
-from ._common import eval_mode, positive_int, resolve_device, resolve_dtype, synchronize
+from ..utils import positive_int, resolve_device
+from ._common import eval_mode, resolve_dtype, synchronize
 from .flops import model_input_size
 
 ProgressFn = Callable[[int, int], None]

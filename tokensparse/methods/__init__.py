@@ -1,4 +1,4 @@
-"""The method registry: every method by name, with its options and defaults."""
+"""Token reduction methods, one file each, holding only their policy; the registry by name."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..errors import TokenSparseError
+from ..families import FAMILIES
 from .base import Method, OptionInfo
 from .dynamicvit import DynamicViT
 from .evovit import EvoViT
@@ -23,6 +24,7 @@ class MethodInfo:
     summary: str
     options: tuple[OptionInfo, ...]
     families: tuple[str, ...]
+    needs_training: bool = False
 
     def supports(self, model: nn.Module) -> bool:
         """Whether the method applies to ``model`` at its defaults."""
@@ -37,6 +39,14 @@ def get_method(name: str) -> type[Method]:
         raise TokenSparseError(f"unknown method {name!r}; valid methods: {', '.join(REGISTRY)}") from None
 
 
-def methods() -> list[MethodInfo]:
-    """Every method with its options, defaults and a one-line description."""
-    return [MethodInfo(m.name, m.summary, m.options, m.families) for m in REGISTRY.values()]
+def supported_families(method: type[Method]) -> tuple[str, ...]:
+    """Names of the families ``method`` works on."""
+    return tuple(f.name for f in FAMILIES if method.supports_family(f))
+
+
+def method_info(method: type[Method]) -> MethodInfo:
+    """The :class:`MethodInfo` of a method class."""
+    return MethodInfo(method.name, method.summary, method.options, supported_families(method), method.needs_training)
+
+
+__all__ = ["REGISTRY", "Method", "MethodInfo", "OptionInfo", "get_method", "method_info", "supported_families"]

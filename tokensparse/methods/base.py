@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence
+from typing import Any, ClassVar
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..errors import TokenSparseError
+from ..families import AttentionExtras, BlockHook, TokenFamily, get_family
+from ..state import TokenState
 
 
 @dataclass(frozen=True)
@@ -19,15 +22,17 @@ class OptionInfo:
 
 
 class Method:
-    """Base class of a token reduction method.
+    """Base class of a token reduction method: its policy, never a model family's code.
 
-    Subclasses set ``name``, ``summary``, ``options`` and ``families`` and implement
-    :meth:`apply`, which installs the method on a model of a supported family.
+    Subclasses set ``name``, ``summary`` and ``options``, validate options in
+    :meth:`validate`, say which kinds of family they work on in :meth:`supports_family`, and
+    implement :meth:`apply`, which installs the method's hooks (or routes) through the
+    model's :class:`~tokensparse.families.Family`. Removal is generic
+    (:func:`tokensparse.unpatch`).
     """
     name: ClassVar[str]
     summary: ClassVar[str]
     options: ClassVar[tuple[OptionInfo, ...]]
-    families: ClassVar[tuple[str, ...]] = ("vit",)
     needs_class_token: ClassVar[bool] = False
     needs_training: ClassVar[bool] = False
     """True when the method's new parts must be trained before its accuracy means anything."""
@@ -46,23 +51,25 @@ class Method:
     def validate(self) -> None:
         """Check option values; raise :class:`TokenSparseError` naming the bad one."""
 
+    @classmethod
+    def supports_family(cls, family: type) -> bool:
+        """Whether the method works on models of ``family`` (a family class). Default: token
+        families whose blocks accept any token subset."""
+        return issubclass(family, TokenFamily) and family.reducible
+
     def supports(self, model: nn.Module) -> bool:
         """Whether this method can be applied to ``model``."""
-        from ..patch import model_family
         try:
-            family = model_family(model)
+            family = get_family(model)
         except TokenSparseError:
             return False
-        if family not in self.families:
+        if not self.supports_family(type(family)):
             return False
-        return not (self.needs_class_token and not getattr(model, "has_class_token", True))
+        return not (self.needs_class_token and not getattr(family, "has_class_token", False))
 
-    def apply(self, model: nn.Module) -> None:
-        """Install the method on ``model`` (its family is one of ``families``)."""
+    def apply(self, model: nn.Module, family: Any) -> None:
+        """Install the method on ``model`` through its ``family`` (one this method supports)."""
         raise NotImplementedError
-
-    def remove(self, model: nn.Module) -> None:
-        """Remove what :meth:`apply` added besides class swaps (those are undone for you)."""
 
 
 # ----------------------------------------------------------------------------- validation helpers
@@ -98,7 +105,7 @@ def default_locations(depth: int) -> list[int]:
     return sorted({max(0, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)})
 
 
-def resolve_locations(locations: Optional[Sequence[int] | int], depth: int) -> list[int]:
+def resolve_locations(locations: Sequence[int] | int | None, depth: int) -> list[int]:
     """Validate block indices against ``depth``; None gives :func:`default_locations`."""
     if locations is None:
         return default_locations(depth)
@@ -129,21 +136,35 @@ def keep_count(keep_rate: float, n: int) -> int:
     return max(1, min(n, math.ceil(keep_rate * n - 1e-9)))
 
 
+class TokenReducer(BlockHook):
+    """A reduction step run inside a block after its attention residual (Top-K, ToMe, PPT).
+
+    ``needs`` names the :class:`~tokensparse.families.AttentionExtras` fields it uses;
+    ``forward(x, extras, state, block)`` returns the reduced tokens and updates / records the
+    :class:`~tokensparse.state.TokenState`.
+    """
+
+    def after_attn(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+        return self(x, extras, state, block)
+
+    def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+        raise NotImplementedError
+
+
 class BlockReducerMethod(Method):
-    """A method that reduces tokens inside chosen ViT blocks, after attention (Top-K, ToMe, PPT).
+    """A method that reduces tokens inside chosen blocks, after attention (Top-K, ToMe, PPT).
 
     Subclasses implement :meth:`build_reducers`; ``prop_attn`` turns on proportional attention.
     """
     prop_attn: bool = False
 
-    def build_reducers(self, model: nn.Module) -> dict[int, nn.Module]:
+    def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
+        """``{block: reducer}`` for a model of ``depth`` blocks."""
         raise NotImplementedError
 
-    def apply(self, model: nn.Module) -> None:
-        from ..patch import vit
-        vit.check_vit(model, self.needs_class_token, self.name)
-        vit.install(model, self.build_reducers(model), prop_attn=self.prop_attn)
-
-    def remove(self, model: nn.Module) -> None:
-        from ..patch import vit
-        vit.uninstall(model)
+    def apply(self, model: nn.Module, family: Any) -> None:
+        family.check(self.name)
+        if self.needs_class_token:
+            family.require_class_token(self.name)
+        state = TokenState(num_prefix=family.num_prefix, prop_attn=self.prop_attn)
+        family.install(state, self.build_reducers(family.depth))

@@ -8,7 +8,7 @@ top ``int(N0 * ratio)`` tokens by keep score are gathered and the rest dropped (
 ConvNeXt and Swin (§6, dynamic spatial sparsification): prediction modules inside the third
 stage pick, per image, the positions whose blocks take their full ("slow") path; the others
 take a cheap :class:`FastPath` (new trainable parameters). Nothing is dropped, so the feature
-map keeps its shape for dense prediction; see :mod:`tokensparse.patch.spatial`.
+map keeps its shape for dense prediction; see :mod:`tokensparse.families.routed`.
 
 Learned parts are ordinary parameters (``blocks.<l>.ts_reducer.predictor.*`` in a ViT's
 state dict; ``...blocks.<i>.ts_predictor.predictor.*`` and ``...blocks.<i>.ts_fast.*`` in the
@@ -17,22 +17,24 @@ move them through safetensors files.
 """
 from __future__ import annotations
 
-import os
-import tempfile
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import timm.data
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from ..errors import TokenSparseError
+from ..families import HOOK, BlockHook, Route, RoutedFamily, TokenFamily, get_family, model_state
+from ..families.routed import FAST, PREDICTOR
+from ..models import describe_mismatch
 from ..ops import gather_tokens, keep_assignment, split_topk, topk_indices, with_prefix
-from ..patch.spatial import Route, SpatialState
-from ..patch.vit import ReducedBlock, ReducedVisionTransformer, check_vit, install
 from ..state import TokenState
+from ..utils import atomic_write
 from .base import Method, OptionInfo, check_bool, check_keep_rate, per_location, resolve_locations
 
 FILE_FORMAT = "tokensparse-dynamicvit-predictors"
@@ -55,7 +57,7 @@ def keep_tokens(n0: int, ratio: float) -> int:
     return max(1, min(n0, int(n0 * ratio + 1e-6)))
 
 
-def hard_keep_mask(log_probs: Tensor, prev: Optional[Tensor] = None, gumbel: bool = True) -> Tensor:
+def hard_keep_mask(log_probs: Tensor, prev: Tensor | None = None, gumbel: bool = True) -> Tensor:
     """Hard 0/1 keep mask ``(B, n, 1)`` with straight-through gradients, times ``prev`` if given.
 
     ``log_probs``: ``(B, n, 2)`` keep/drop log-probabilities. With ``gumbel`` the decision is
@@ -67,38 +69,6 @@ def hard_keep_mask(log_probs: Tensor, prev: Optional[Tensor] = None, gumbel: boo
         soft = log_probs.exp()
         hard = F.one_hot(soft.argmax(dim=-1), 2).to(soft.dtype) - soft.detach() + soft
     return hard[..., :1] if prev is None else hard[..., :1] * prev
-
-
-def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-12) -> Tensor:
-    """Softmax over keys where only kept keys (``policy`` ``(B, N)`` = 1) and the query itself count.
-
-    ``logits``: ``(B, H, N, N)``. Computed in fp32 as ``softmax * allow`` renormalised, which
-    is multiplicative, so gradients reach ``policy`` (the authors' formulation). With an
-    all-ones policy this is ``softmax`` up to rounding.
-    """
-    n = logits.shape[-1]
-    keys = policy.float().reshape(policy.shape[0], 1, 1, n)
-    eye = torch.eye(n, dtype=torch.float32, device=logits.device)
-    allow = keys + (1.0 - keys) * eye
-    weights = logits.float().softmax(dim=-1) * allow
-    return weights / (weights.sum(dim=-1, keepdim=True) + eps)
-
-
-def masked_attention(attn: nn.Module, x: Tensor, policy: Tensor) -> Tensor:
-    """timm ``Attention`` on ``x`` ``(B, N, C)`` with attention masked by ``policy`` ``(B, N)``.
-
-    This is the one place DynamicViT materialises the full attention matrix (training only).
-    """
-    B, N, _ = x.shape
-    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    q, k, v = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    weights = policy_softmax((q * attn.scale) @ k.transpose(-2, -1), policy)
-    out = attn.attn_drop(weights).to(v.dtype) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
-    if gate is not None:
-        out = out * gate
-    return attn.proj_drop(attn.proj(out))
 
 
 # ----------------------------------------------------------------------------- modules
@@ -118,7 +88,7 @@ class Predictor(nn.Module):
             nn.Linear(dim, dim // 2), nn.GELU(), nn.Linear(dim // 2, dim // 4), nn.GELU(),
             nn.Linear(dim // 4, 2), nn.LogSoftmax(dim=-1))
 
-    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = self.in_conv(x)
         half = x.shape[-1] // 2
         local, glob = x[..., :half], x[..., half:]
@@ -127,36 +97,6 @@ class Predictor(nn.Module):
         else:
             glob = (glob * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp_min(1.0)
         return self.out_conv(torch.cat([local, glob.expand_as(x[..., half:])], dim=-1))
-
-
-class DynamicViTState(TokenState):
-    """:class:`TokenState` plus what training needs: the masks and the final tokens.
-
-    ``policy``: current ``(B, N0, 1)`` patch keep mask (training only, None before the first
-    location); ``masks``: the mask of every location this pass (with gradients);
-    ``features``: the last ``forward_features`` output.
-    """
-
-    def __init__(self, num_prefix: int) -> None:
-        super().__init__(num_prefix)
-        self.policy: Optional[Tensor] = None
-        self.masks: list[Tensor] = []
-        self.features: Optional[Tensor] = None
-
-    def start(self, x: Tensor) -> None:
-        super().start(x)
-        self.policy, self.masks, self.features = None, [], None
-
-    def __deepcopy__(self, memo: dict) -> "DynamicViTState":
-        """A fresh state: the records of a pass (with autograd history) are not copied."""
-        return DynamicViTState(self.num_prefix)
-
-    def attn_policy(self) -> Optional[Tensor]:
-        """``(B, N)`` keep mask over the whole sequence (prefix = 1), or None."""
-        if self.policy is None:
-            return None
-        p = self.policy.squeeze(-1)
-        return torch.cat([p.new_ones(p.shape[0], self.num_prefix), p], dim=1)
 
 
 class PredictionModule(nn.Module):
@@ -171,13 +111,17 @@ class PredictionModule(nn.Module):
         return f"ratio={self.ratio:.4g}, gumbel={self.gumbel}"
 
 
-class TokenPruner(PredictionModule):
-    """ViT: the prediction step before one block; masks (train) or gathers (eval) patch tokens.
+class TokenPruner(PredictionModule, BlockHook):
+    """Token families: the prediction step before one block; masks (train) or gathers (eval) patch tokens.
 
     Ratios are cumulative (of the original patch count) and masks multiply the previous one.
+    In training the mask also masks attention and pooling (``TokenState.policy``).
     """
 
-    def forward(self, x: Tensor, state: DynamicViTState, block: int) -> Tensor:
+    def before(self, x: Tensor, state: TokenState, block: int) -> Tensor:
+        return self(x, state, block)
+
+    def forward(self, x: Tensor, state: TokenState, block: int) -> Tensor:
         P = state.num_prefix
         B, N, _ = x.shape
         n0 = state.patch_to_token.shape[1]
@@ -209,7 +153,7 @@ class PositionRouter(PredictionModule):
     the top ``int(N * ratio)`` positions by keep score.
     """
 
-    def forward(self, tokens: Tensor, state: SpatialState) -> Route:
+    def forward(self, tokens: Tensor, state: TokenState) -> Route:
         log_probs = self.predictor(tokens)
         if self.training:
             mask = hard_keep_mask(log_probs, None, self.gumbel)
@@ -238,43 +182,6 @@ class FastPath(nn.Module):
         return self.proj(self.norm(x)) * self.gamma
 
 
-class DynamicViTBlock(ReducedBlock):
-    """timm ``Block`` with a :class:`TokenPruner` *before* it and policy-masked attention in training."""
-
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise TokenSparseError("token reduction does not support attention masks or causal attention")
-        state: DynamicViTState = self._ts_state
-        state.ensure_started(x)
-        stage: Optional[TokenPruner] = getattr(self, "ts_reducer", None)
-        if stage is not None:
-            x = stage(x, state, self._ts_index)
-        policy = state.attn_policy()
-        if policy is None:
-            y, _ = self.attn.forward_extras(self.norm1(x))
-        else:
-            y = masked_attention(self.attn, self.norm1(x), policy)
-        x = x + self.drop_path1(self.ls1(y))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-
-
-class DynamicViTModel(ReducedVisionTransformer):
-    """Keeps the final tokens for the losses; average pooling counts only kept tokens."""
-
-    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
-        self._ts_state.features = out
-        return out
-
-    def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-        pool_type = self.global_pool if pool_type is None else pool_type
-        policy = self._ts_state.policy
-        if policy is not None and self.attn_pool is None and pool_type == "avg" and not self.pool_include_prefix:
-            p = self.num_prefix_tokens
-            return (x[:, p:] * policy).sum(dim=1) / policy.sum(dim=1).clamp_min(1.0)
-        return super().pool(x, pool_type)
-
-
 # ----------------------------------------------------------------------------- what the losses read
 
 @dataclass
@@ -292,7 +199,7 @@ class DynamicViTOutputs:
     targets: list[float]
     features: Tensor
     num_prefix: int
-    feature_mask: Optional[Tensor] = None
+    feature_mask: Tensor | None = None
 
     @property
     def keep_ratios(self) -> list[float]:
@@ -304,14 +211,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel
 
 
-def _blocks(model: nn.Module) -> nn.Module:
-    """The blocks that carry DynamicViT's parts: a ViT's blocks, a hierarchical model's third stage."""
-    from ..patch import family_module, model_family
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks that carry DynamicViT's parts: a ViT's blocks, a hierarchical model's routed stage."""
     try:
-        family = model_family(model)
+        return list(get_family(model).blocks)
     except TokenSparseError:
-        return nn.ModuleList()
-    return model.blocks if family == "vit" else family_module(model).routed_stage(model).blocks
+        return []
 
 
 def prediction_modules(model: nn.Module) -> dict[int, PredictionModule]:
@@ -321,7 +226,7 @@ def prediction_modules(model: nn.Module) -> dict[int, PredictionModule]:
     """
     found = {}
     for i, blk in enumerate(_blocks(_unwrap(model))):
-        module = blk._modules.get("ts_reducer") or blk._modules.get("ts_predictor")
+        module = blk._modules.get(HOOK) or blk._modules.get(PREDICTOR)
         if isinstance(module, PredictionModule):
             found[i] = module
     if not found:
@@ -333,8 +238,8 @@ def learned_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Every trainable part DynamicViT adds, by name: ``blocks.<i>.predictor`` and ``blocks.<i>.fast``."""
     parts: dict[str, nn.Module] = {f"blocks.{i}.predictor": m.predictor for i, m in prediction_modules(model).items()}
     for i, blk in enumerate(_blocks(_unwrap(model))):
-        if isinstance(blk._modules.get("ts_fast"), FastPath):
-            parts[f"blocks.{i}.fast"] = blk.ts_fast
+        if isinstance(blk._modules.get(FAST), FastPath):
+            parts[f"blocks.{i}.fast"] = blk._modules[FAST]
     return parts
 
 
@@ -347,18 +252,18 @@ def train_outputs(model: nn.Module) -> DynamicViTOutputs:
     """The masks and final tokens of the last training-mode forward of a ``dynamicvit`` model."""
     model = _unwrap(model)
     targets = [m.ratio for m in prediction_modules(model).values()]
-    state = model._ts_state
-    if not state.masks or state.features is None:
+    state = model_state(model)
+    if state is None or not state.masks or state.features is None:
         raise TokenSparseError("no training-mode forward of a full model recorded: call model.train() and run a "
                                "forward pass first (features_only models cannot be trained with the losses)")
-    feature_mask = state.masks[-1] if isinstance(state, DynamicViTState) else None
+    feature_mask = state.masks[-1] if isinstance(get_family(model), TokenFamily) else None
     return DynamicViTOutputs(list(state.masks), targets, state.features, state.num_prefix, feature_mask)
 
 
 def default_ratio_weight(model: nn.Module) -> float:
-    """The ratio-loss weight of the authors' recipes: 2.0 for ViTs, 10.0 for ConvNeXt / Swin."""
-    from ..patch import model_family
-    return 2.0 if model_family(_unwrap(model)) == "vit" else 10.0
+    """The ratio-loss weight of the authors' recipes: 2.0 for ViTs (token families), 10.0 for
+    ConvNeXt / Swin (routed families)."""
+    return 10.0 if isinstance(get_family(_unwrap(model)), RoutedFamily) else 2.0
 
 
 # ----------------------------------------------------------------------------- files
@@ -371,30 +276,16 @@ def learned_state(model: nn.Module) -> dict[str, Tensor]:
 
 def save_predictors(model: nn.Module, path: str | Path) -> Path:
     """Write the learned parts of a ``dynamicvit`` model to a safetensors file (atomically)."""
-    from safetensors.torch import save_file
-    from ..patch import model_family
     path = Path(path).expanduser()
     tensors = learned_state(model)
-    meta = {"format": FILE_FORMAT, "family": model_family(_unwrap(model)),
+    meta = {"format": FILE_FORMAT, "family": get_family(_unwrap(model)).name,
             "locations": ",".join(map(str, sorted(prediction_modules(model))))}
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    except OSError as exc:
-        raise TokenSparseError(f"cannot write predictors file {str(path)!r}: {exc.strerror or exc}") from None
+    atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)), what="predictors file")
     return path
 
 
 def read_predictors(path: str | Path) -> dict[str, dict[str, Tensor]]:
     """``{part name: state dict}`` from a file written by :func:`save_predictors`."""
-    from safetensors import safe_open
     p = Path(path).expanduser()
     if not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "not found"
@@ -402,7 +293,8 @@ def read_predictors(path: str | Path) -> dict[str, dict[str, Tensor]]:
     try:
         with safe_open(str(p), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            names = list(f.keys())  # a safetensors file handle is not iterable
+            tensors = {k: f.get_tensor(k) for k in names}
     except Exception as exc:  # noqa: BLE001 - any failure means unreadable
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise TokenSparseError(f"predictors file {str(p)!r} is not a valid safetensors file ({first})") from None
@@ -421,7 +313,6 @@ def read_predictors(path: str | Path) -> dict[str, dict[str, Tensor]]:
 
 def load_predictors(parts: dict[str, nn.Module], path: str | Path) -> None:
     """Load a predictors file into ``parts`` (see :func:`learned_modules`); clear error if it does not fit."""
-    from ..models import describe_mismatch
     saved = read_predictors(path)
     if sorted(saved) != sorted(parts):
         raise TokenSparseError(
@@ -441,7 +332,6 @@ class DynamicViT(Method):
     summary = ("DynamicViT: learned prediction modules drop uninformative tokens (ViT) or send unimportant "
                "positions down a cheap fast path (ConvNeXt, Swin); needs trained predictors ('tokensparse "
                "calibrate' or 'tokensparse train'), random ones otherwise")
-    families = ("vit", "convnext", "swin")
     needs_training = True
     options = (
         OptionInfo("rho", 0.7, "base keep ratio: ViT locations keep rho, rho^2, rho^3, ... of the original patches; "
@@ -463,14 +353,14 @@ class DynamicViT(Method):
             ratios = c["ratios"] if isinstance(c["ratios"], (list, tuple)) else [c["ratios"]]
             for r in ratios:
                 check_keep_rate(r, "ratios")
-            if any(b > a for a, b in zip(ratios, ratios[1:])):
+            if any(b > a for a, b in itertools.pairwise(ratios)):
                 raise TokenSparseError(f"ratios must not increase from one location to the next, got {list(ratios)}")
         check_bool(c["gumbel"], "gumbel")
         if c["predictors"] is not None and not isinstance(c["predictors"], (str, Path)):
             raise TokenSparseError(f"predictors must be a file path, got {c['predictors']!r}")
 
     def schedule(self, depth: int, spatial: bool = False,
-                 default_locations: Optional[list[int]] = None) -> dict[int, float]:
+                 default_locations: list[int] | None = None) -> dict[int, float]:
         """``{block: keep ratio}`` for ``depth`` blocks (a ViT, or the third stage if ``spatial``)."""
         c = self.config
         if c["locations"] is None and default_locations is not None:
@@ -491,21 +381,16 @@ class DynamicViT(Method):
             ratios = stage_ratios(c["rho"], len(locs))
         return dict(zip(locs, (float(r) for r in ratios)))
 
-    def plan(self, model: nn.Module) -> dict[int, float]:
-        """``{block: keep ratio}`` on ``model`` (for ConvNeXt / Swin: blocks of the third stage)."""
-        from ..patch import family_module, model_family
-        if model_family(model) == "vit":
-            return self.schedule(len(model.blocks))
-        family = family_module(model)
-        depth = len(family.routed_stage(model).blocks)
-        return self.schedule(depth, spatial=True, default_locations=family.default_locations(depth))
+    @classmethod
+    def supports_family(cls, family: type) -> bool:
+        return (issubclass(family, TokenFamily) and family.reducible) or issubclass(family, RoutedFamily)
 
-    def apply(self, model: nn.Module) -> None:
-        from ..patch import model_family
-        if model_family(model) == "vit":
-            self.apply_vit(model)
-        else:
-            self.apply_spatial(model)
+    def plan(self, family: TokenFamily | RoutedFamily) -> dict[int, float]:
+        """``{block: keep ratio}`` on a model's ``family`` (for routed families: blocks of the routed stage)."""
+        if isinstance(family, TokenFamily):
+            return self.schedule(family.depth)
+        depth = len(family.blocks)
+        return self.schedule(depth, spatial=True, default_locations=family.default_locations(depth))
 
     def _finish_parts(self, model: nn.Module, parts: dict[str, nn.Module]) -> None:
         """Move new parts to the model's device, dtype and mode; load a predictors file into them."""
@@ -515,36 +400,27 @@ class DynamicViT(Method):
         if self.config["predictors"] is not None:
             load_predictors(parts, self.config["predictors"])
 
-    def apply_vit(self, model: nn.Module) -> None:
-        """A :class:`TokenPruner` before each location of a timm ViT."""
-        check_vit(model, False, self.name)
-        pruners = {l: TokenPruner(model.embed_dim, r, self.config["gumbel"]) for l, r in self.plan(model).items()}
-        self._finish_parts(model, {f"blocks.{l}.predictor": m.predictor for l, m in pruners.items()})
-        for m in pruners.values():
-            m.train(model.training)
-        install(model, pruners, state=DynamicViTState(num_prefix=model.num_prefix_tokens),
-                model_cls=DynamicViTModel, block_cls=DynamicViTBlock)
-
-    def apply_spatial(self, model: nn.Module) -> None:
-        """A :class:`PositionRouter` before each location of the third stage, fast paths from the first on."""
-        from ..patch import family_module
-        family = family_module(model)
-        stage = family.routed_stage(model)
-        family.check_blocks(stage, self.name)
-        depth, dim = len(stage.blocks), family.width(stage)
-        sched = self.plan(model)
-        routers = {l: PositionRouter(dim, r, self.config["gumbel"]) for l, r in sched.items()}
-        fast = {i: FastPath(dim) for i in range(min(sched), depth)}
-        parts = {f"blocks.{l}.predictor": m.predictor for l, m in routers.items()}
+    def apply(self, model: nn.Module, family: TokenFamily | RoutedFamily) -> None:
+        family.check(self.name)
+        sched = self.plan(family)
+        gumbel = self.config["gumbel"]
+        if isinstance(family, TokenFamily):  # a pruner before each location
+            pruners = {b: TokenPruner(family.width(), r, gumbel) for b, r in sched.items()}
+            self._finish_parts(model, {f"blocks.{b}.predictor": m.predictor for b, m in pruners.items()})
+            for m in pruners.values():
+                m.train(model.training)
+            family.install(TokenState(num_prefix=family.num_prefix, keep_features=True), pruners)
+            return
+        # routed: a router before each location, fast paths from the first on
+        dim = family.width()
+        routers = {b: PositionRouter(dim, r, gumbel) for b, r in sched.items()}
+        fast = {i: FastPath(dim) for i in range(min(sched), len(family.blocks))}
+        parts = {f"blocks.{b}.predictor": m.predictor for b, m in routers.items()}
         parts.update({f"blocks.{i}.fast": m for i, m in fast.items()})
         self._finish_parts(model, parts)
         for m in routers.values():
             m.train(model.training)
-        family.install(model, routers, fast)
-
-    def remove(self, model: nn.Module) -> None:
-        from ..patch import family_module
-        family_module(model).uninstall(model)
+        family.install(TokenState(keep_features=True), routers, fast)
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -552,15 +428,7 @@ def describe(model: nn.Module) -> dict[str, Any]:
 
     Counts are for the model's default input size.
     """
-    from ..patch import model_family
     modules = prediction_modules(model)
-    model = _unwrap(model)
-    if model_family(model) == "vit":
-        n = model.patch_embed.num_patches
-    else:
-        size = timm.data.resolve_data_config({}, model=model)["input_size"]
-        info = model.feature_info
-        reduction = (info.get_dicts() if hasattr(info, "get_dicts") else info)[2]["reduction"]
-        n = (size[1] // reduction) * (size[2] // reduction)
+    n = get_family(_unwrap(model)).num_positions()
     return {"locations": list(modules), "ratios": [m.ratio for m in modules.values()],
             "tokens": [keep_tokens(n, m.ratio) for m in modules.values()]}

@@ -49,7 +49,7 @@ No train/eval branching: training and evaluation compute the same function (drop
 drop-path aside), and gradients reach every parameter through both paths (``g`` stays in
 the graph through the representative token's weights, as in the authors' code).
 
-LeViT (timm ``levit_*`` and ``levit_conv_*``; :class:`EvoLevitStage`): evolution runs inside
+Hierarchical token families (timm ``levit_*`` and ``levit_conv_*``): evolution runs inside
 each stage (from block 2 of the first stage and block 0 of the others, keep 0.5: the paper's
 LeViT setting, option ``starts``), with LeViT's attention biases gathered for the informative
 tokens; every stage's downsampling sees the complete, restored map and subsamples the global
@@ -60,7 +60,7 @@ pretrained weights usable without training. ``pool`` picks the classifier input:
 / ``mean`` (LeViT's own mean of tokens), ``token`` (the class token) or ``both`` (logits
 averaged), always through the model's own head(s).
 
-Per-location records (``tokensparse.info(model)``): one :class:`LocationInfo` per evolution
+Per-location records (``tokensparse.location_records(model)``): one :class:`LocationInfo` per evolution
 block. No token is ever dropped, so ``size`` is all ones ``(B, P + N0)`` and
 ``patch_to_token`` is the identity position map (restored layout). ``extra["informative"]``:
 ``(B, N0)`` bool, the patches that took the slow path in that block;
@@ -69,19 +69,15 @@ block. No token is ever dropped, so ``size`` is all ones ``(B, P + N0)`` and
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
 
-from timm.models.levit import Levit, LevitDownsample, LevitStage
-from timm.models.vision_transformer import Block, VisionTransformer
-
 from ..errors import TokenSparseError
+from ..families import AttentionExtras, BlockHook, TokenFamily, get_family
 from ..ops import gather_tokens, split_topk
-from ..patch.base import swap_class
-from ..patch.vit import ReducedVisionTransformer, check_vit, install
 from ..state import LocationInfo, TokenState
 from .base import Method, OptionInfo, check_choice, check_keep_rate, default_locations, keep_count
 
@@ -89,12 +85,11 @@ UPDATES = ("representative", "carry")
 SPLITS = ("stage", "block")
 POOLS = ("model", "mean", "token", "both")
 CLASS_TOKENS = ("add", "mean")
-_CLS_ATTN = frozenset({"cls_attn"})
 
 
 # ----------------------------------------------------------------------------- pure tensor functions
 
-def update_global_attention(g: Optional[Tensor], a: Tensor, alpha: float) -> Tensor:
+def update_global_attention(g: Tensor | None, a: Tensor, alpha: float) -> Tensor:
     """``g_l = (1 - alpha) g_{l-1} + alpha a`` (``a`` alone when ``g`` is None: block 0).
 
     ``a``: ``(B, K)`` class attention summed over heads, for the tokens ``g`` describes.
@@ -118,7 +113,7 @@ def split_informative(g: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return split_topk(g, k)
 
 
-def restore_placeholders(x_patch: Tensor, inf_idx: Tensor, y_inf: Tensor, delta: Optional[Tensor]) -> Tensor:
+def restore_placeholders(x_patch: Tensor, inf_idx: Tensor, y_inf: Tensor, delta: Tensor | None) -> Tensor:
     """Complete patch map: ``x_patch`` ``(B, n, C)`` moved by ``delta`` ``(B, 1, C)`` (if any),
     with the informative tokens' new values ``y_inf`` ``(B, k, C)`` written at ``inf_idx``."""
     base = x_patch if delta is None else x_patch + delta
@@ -133,6 +128,11 @@ def default_stages(depth: int) -> list[int]:
     return [b for b in default_locations(depth) if b >= 1]
 
 
+def levit_default_starts(num_stages: int) -> list[int]:
+    """The paper's LeViT setting: evolution from block 2 of the first stage and block 0 of the others."""
+    return [2] + [0] * (num_stages - 1)
+
+
 # ----------------------------------------------------------------------------- per-pass state
 
 @dataclass
@@ -141,45 +141,53 @@ class _Split:
     x_patch: Tensor              # (B, n, C) patch tokens at the stage start, original positions
     inf_idx: Tensor              # (B, k) informative patch indices (ascending)
     informative: Tensor          # (B, n) bool mask of inf_idx
-    rep: Optional[Tensor]        # (B, 1, C) representative token at the stage start, or None
+    rep: Tensor | None        # (B, 1, C) representative token at the stage start, or None
 
 
 class EvoState(TokenState):
-    """:class:`TokenState` plus the global class attention and the open stage's split."""
+    """:class:`TokenState` plus the global class attention ``g`` over the current grid and the open split.
 
-    def __init__(self, num_prefix: int) -> None:
-        super().__init__(num_prefix=num_prefix, prop_attn=False)
-        self.g: Optional[Tensor] = None
-        self.split: Optional[_Split] = None
+    ``query``: which attention row is the class attention: ``"cls_attn"`` (the class token)
+    or ``"mean_attn"`` (the mean query, for models without one).
+    """
 
-    def start(self, x: Tensor) -> None:
-        super().start(x)
-        self.g = None
-        self.split = None
+    def __init__(self, num_prefix: int, alpha: float, query: str = "cls_attn", pool: str | None = None) -> None:
+        super().__init__(num_prefix=num_prefix, pool=pool)
+        self.alpha, self.query = alpha, query
+        self.downsample_needs = frozenset({query})
+
+    def reset(self) -> None:
+        super().reset()
+        self.g: Tensor | None = None
+        self.split: _Split | None = None
 
     def finish(self) -> None:
         super().finish()
         self.g = None          # drop references to this pass's tensors (and graph)
         self.split = None
 
-    def record_evolution(self, block: int, batch: int, n: int, device: torch.device) -> None:
+    def row(self, extras: AttentionExtras) -> Tensor:
+        """The class-attention row ``(B, N)`` summed over heads."""
+        return getattr(extras, self.query).sum(dim=1)
+
+    def on_downsample(self, extras: AttentionExtras, resample: Callable[[Tensor], Tensor]) -> None:
+        """Carry ``g`` to the new grid: subsample it and the downsampling's own row, then rescale
+        to the old total (the authors' LeViT code)."""
+        if self.g is not None:
+            new = update_global_attention(resample(self.g), resample(self.row(extras)), self.alpha)
+            self.g = new * (self.g.sum(dim=1, keepdim=True) / new.sum(dim=1, keepdim=True))
+
+    def record_evolution(self, block: int) -> None:
         """Store this block's :class:`LocationInfo` (identity layout, sizes one)."""
         P = self.num_prefix
+        informative = self.split.informative
+        B, n = informative.shape
+        dev = informative.device
         self.locations.append(LocationInfo(
-            block=block, num_prefix=P, size=torch.ones(batch, P + n, device=device),
-            patch_to_token=self.patch_to_token.detach(),
-            extra={"informative": self.split.informative.detach(),
-                   "global_attention": self.g.detach()}))
-
-
-@dataclass(frozen=True)
-class EvoPlan:
-    """What one block does: plain (just updates ``g``) or part of an evolution stage."""
-    evolve: bool = False
-    stage_start: bool = False
-    stage_end: bool = False
-    keep_rate: float = 1.0
-    update: str = "representative"
+            block=block, num_prefix=P, size=torch.ones(B, P + n, device=dev),
+            patch_to_token=(torch.arange(n, device=dev) + P).expand(B, -1),
+            extra={"informative": informative.detach(), "global_attention": self.g.detach()},
+            grid=self.grid, stage=self.stage))
 
 
 def open_stage(x: Tensor, g: Tensor, num_prefix: int, keep_rate: float, update: str) -> tuple[Tensor, _Split]:
@@ -209,76 +217,77 @@ def close_stage(x: Tensor, split: _Split, num_prefix: int) -> Tensor:
     return torch.cat([x[:, :P], restore_placeholders(split.x_patch, split.inf_idx, x[:, P:P + k], delta)], dim=1)
 
 
-# ----------------------------------------------------------------------------- class swaps
+# ----------------------------------------------------------------------------- the block hook
 
-class EvoViTBlock(Block):
-    """timm ``Block`` that tracks global class attention and runs slow-fast token evolution.
+@dataclass(frozen=True)
+class EvoPlan:
+    """What one block does: plain (just updates ``g``) or part of an evolution stage."""
+    evolve: bool = False
+    stage_start: bool = False
+    stage_end: bool = False
+    keep_rate: float = 1.0
+    update: str = "representative"
 
-    Between blocks of a stage the sequence is ``[prefix, informative, (representative)]``; the
-    stage's first block splits the full map, its last block restores it.
+
+class EvoHook(BlockHook):
+    """Evo-ViT at one block: tracks global class attention and runs slow-fast token evolution.
+
+    Between blocks of an open stage the sequence is ``[prefix, informative, (representative)]``;
+    the stage's first block splits the full map (when the keep rate keeps fewer tokens than
+    there are), its last block restores it.
     """
-    _ts_state: EvoState
-    _ts_index: int
-    _ts_plan: EvoPlan
-    _ts_alpha: float
 
-    def forward_attn(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The block on ``x`` and the class attention row summed over heads ``(B, N)``."""
-        y, extras = self.attn.forward_extras(self.norm1(x), None, _CLS_ATTN)
-        x = x + self.drop_path1(self.ls1(y))
-        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
-        return x, extras.cls_attn.sum(dim=1)
+    def __init__(self, plan: EvoPlan, query: str) -> None:
+        super().__init__()
+        self.plan = plan
+        self.needs = frozenset({query})
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
-        if attn_mask is not None or is_causal:
-            raise TokenSparseError("evovit does not support attention masks or causal attention")
-        state, plan = self._ts_state, self._ts_plan
-        state.ensure_started(x)
-        P = state.num_prefix
-        if not plan.evolve:
-            x, a = self.forward_attn(x)
-            state.g = update_global_attention(state.g, a[:, P:], self._ts_alpha)
-            return x
-        if plan.stage_start:
-            x = self.split_tokens(x, plan)
+    def extra_repr(self) -> str:
+        return f"{self.plan}"
+
+    def before(self, x: Tensor, state: EvoState, block: int) -> Tensor:
+        plan = self.plan
+        if plan.stage_start and keep_count(plan.keep_rate, state.g.shape[1]) < state.g.shape[1]:
+            x, state.split = open_stage(x, state.g, state.num_prefix, plan.keep_rate, plan.update)
+            state.grid_positions, state.trailing = state.split.inf_idx, int(state.split.rep is not None)
+        return x
+
+    def after_attn(self, x: Tensor, extras: AttentionExtras, state: EvoState, block: int) -> Tensor:
+        P, a = state.num_prefix, state.row(extras)
         split = state.split
-        k = split.inf_idx.shape[1]
-        x, a = self.forward_attn(x)
-        g_inf = update_global_attention(state.g.gather(1, split.inf_idx), a[:, P:P + k], self._ts_alpha)
-        state.g = state.g.scatter(1, split.inf_idx, g_inf)
-        state.record_evolution(self._ts_index, x.shape[0], state.g.shape[1], x.device)
-        if plan.stage_end:
-            x = self.restore_tokens(x)
+        if split is None:
+            state.g = update_global_attention(state.g, a[:, P:], state.alpha)
+        else:
+            k = split.inf_idx.shape[1]
+            g_inf = update_global_attention(state.g.gather(1, split.inf_idx), a[:, P:P + k], state.alpha)
+            state.g = state.g.scatter(1, split.inf_idx, g_inf)
         return x
 
-    def split_tokens(self, x: Tensor, plan: EvoPlan) -> Tensor:
-        """Open a stage on the full map ``x``: ``[prefix, informative, (representative)]``."""
-        state = self._ts_state
-        x, state.split = open_stage(x, state.g, state.num_prefix, plan.keep_rate, plan.update)
+    def after(self, x: Tensor, state: EvoState, block: int) -> Tensor:
+        if state.split is None:
+            return x
+        state.record_evolution(block)
+        if self.plan.stage_end:
+            x = close_stage(x, state.split, state.num_prefix)
+            state.split, state.grid_positions, state.trailing = None, None, 0
         return x
-
-    def restore_tokens(self, x: Tensor) -> Tensor:
-        """Close the stage: the full map with placeholders in place (moved by the fast path)."""
-        state = self._ts_state
-        x, state.split = close_stage(x, state.split, state.num_prefix), None
-        return x
-
-
-class EvoViTVisionTransformer(ReducedVisionTransformer):
-    """Adds ``pool="mean"``: the mean of the patch tokens (the authors' from-scratch classifier)."""
-    _ts_pool: str
-
-    def pool(self, x: Tensor, pool_type: Optional[str] = None) -> Tensor:
-        if getattr(self, "_ts_pool", "model") == "mean":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
-        return super().pool(x, pool_type)
 
 
 # ----------------------------------------------------------------------------- the method
 
-def stage_plans(depth: int, stages: list[int], keep_rates: list[float], split: str,
-                update: str) -> dict[int, EvoPlan]:
-    """Per-block :class:`EvoPlan` of the evolution blocks (blocks before ``stages[0]`` are plain).
+def stage_plans(spans: list[tuple[int, int, float]], update: str) -> dict[int, EvoPlan]:
+    """Per-block :class:`EvoPlan` of the evolution blocks; ``spans`` are ``(first, end, keep_rate)``
+    block ranges (end exclusive), one evolution stage each. Other blocks are plain."""
+    plans = {}
+    for start, end, rate in spans:
+        for b in range(start, end):
+            plans[b] = EvoPlan(evolve=True, stage_start=b == start, stage_end=b == end - 1,
+                               keep_rate=rate, update=update)
+    return plans
+
+
+def flat_spans(depth: int, stages: list[int], keep_rates: list[float], split: str) -> list[tuple[int, int, float]]:
+    """Evolution stages of a single-stage model: each lasts until the next start or the end.
 
     With ``split="block"`` every block from ``stages[0]`` on is a one-block stage, with the
     keep rate of the stage it falls in.
@@ -286,20 +295,14 @@ def stage_plans(depth: int, stages: list[int], keep_rates: list[float], split: s
     if split == "block":
         keep_rates = [keep_rates[bisect_right(stages, b) - 1] for b in range(stages[0], depth)]
         stages = list(range(stages[0], depth))
-    plans = {}
     bounds = list(stages) + [depth]
-    for start, end, rate in zip(bounds[:-1], bounds[1:], keep_rates):
-        for b in range(start, end):
-            plans[b] = EvoPlan(evolve=True, stage_start=b == start, stage_end=b == end - 1,
-                               keep_rate=rate, update=update)
-    return plans
+    return list(zip(bounds[:-1], bounds[1:], keep_rates))
 
 
 class EvoViT(Method):
     name = "evovit"
     summary = ("Evo-ViT: slow-fast token evolution; informative tokens (by global class attention) take "
                "the full block, placeholders a cheap shared update, spatial layout kept")
-    needs_class_token = True
     options = (
         OptionInfo("keep_rate", 0.5, "share of patch tokens that are informative (slow path), in (0, 1]; or one per stage"),
         OptionInfo("alpha", 0.5, "global class attention update g = (1-alpha) g + alpha A_cls, in [0, 1]"),
@@ -313,7 +316,18 @@ class EvoViT(Method):
         OptionInfo("starts", None, "LeViT: first evolution block of each stage; default the paper's LeViT setting: "
                                    "block 2 of the first stage, block 0 of the others"),
     )
-    families = ("vit", "levit")
+
+    @classmethod
+    def supports_family(cls, family: type) -> bool:
+        return issubclass(family, TokenFamily)
+
+    def supports(self, model: nn.Module) -> bool:
+        """Any token family with a class token, or one that can take a new one (LeViT)."""
+        try:
+            family = get_family(model)
+        except TokenSparseError:
+            return False
+        return self.supports_family(type(family)) and (family.has_class_token or family.can_add_class_token)
 
     def validate(self) -> None:
         c = self.config
@@ -360,49 +374,51 @@ class EvoViT(Method):
                 f"stage start {stages[-1]} is outside the model's blocks: valid stage starts are 1..{depth - 1}")
         return stages
 
-    def apply(self, model: nn.Module) -> None:
-        from ..patch import model_family
-        if model_family(model) == "levit":
-            self.apply_levit(model)
-        else:
-            self.apply_vit(model)
-
-    def apply_vit(self, model: nn.Module) -> None:
-        """Evolution stages over the blocks of a timm ViT."""
-        check_vit(model, True, self.name)
+    def apply(self, model: nn.Module, family: TokenFamily) -> None:
+        family.check(self.name)
         c = self.config
-        for name in ("class_token", "starts"):
-            if c[name] is not None:
-                raise TokenSparseError(f"option {name!r} applies to LeViT models only")
-        if c["pool"] not in ("model", "mean"):
-            raise TokenSparseError(f"pool={c['pool']} applies to LeViT models only; ViTs take pool=model or pool=mean")
-        if c["pool"] == "mean" and type(model).forward_head is not VisionTransformer.forward_head:
-            raise TokenSparseError(
-                f"pool=mean needs a model whose head pools tokens; {type(model).__name__} has its own head "
-                f"(use pool=model)")
-        depth = len(model.blocks)
+        hierarchical = len(family.stage_depths) > 1
+        if c["pool"] not in family.pools:
+            raise TokenSparseError(f"pool={c['pool']} applies to LeViT models only; {family.description} takes "
+                                   f"pool={' or pool='.join(family.pools)}")
+        if hierarchical:
+            spans, class_token = self.hierarchical_spans(family.stage_depths), c["class_token"] or "add"
+            if c["pool"] in ("token", "both") and class_token != "add":
+                raise TokenSparseError(f"pool={c['pool']} needs the class token: use class_token=add")
+        else:
+            for name in ("class_token", "starts"):
+                if c[name] is not None:
+                    raise TokenSparseError(f"option {name!r} applies to LeViT models only")
+            family.require_class_token(self.name)
+            if c["pool"] == "mean" and not family.head_pools_tokens:
+                raise TokenSparseError(
+                    f"pool=mean needs a model whose head pools tokens; {type(model).__name__} has its own head "
+                    f"(use pool=model)")
+            spans, class_token = self.flat_spans(family.depth), None
+        if class_token == "add":
+            family.add_class_token()
+        query = "mean_attn" if class_token == "mean" else "cls_attn"
+        pool = None if c["pool"] == "model" else c["pool"]
+        state = EvoState(num_prefix=family.num_prefix, alpha=float(c["alpha"]), query=query, pool=pool)
+        plans = stage_plans(spans, c["update"])
+        family.install(state, {b: EvoHook(plans.get(b, EvoPlan()), query) for b in range(family.depth)})
+
+    def flat_spans(self, depth: int) -> list[tuple[int, int, float]]:
+        """Evolution stages over the blocks of a single-stage model (ViT)."""
+        c = self.config
         stages = self.resolve_stages(depth)
         rates = c["keep_rate"] if isinstance(c["keep_rate"], (list, tuple)) else [c["keep_rate"]] * len(stages)
         if len(rates) != len(stages):
             raise TokenSparseError(f"keep_rate has {len(rates)} entries but there are {len(stages)} stages {stages}")
-        plans = stage_plans(depth, stages, rates, c["split"], c["update"])
-        install(model, {}, state=EvoState(num_prefix=model.num_prefix_tokens), model_cls=EvoViTVisionTransformer,
-                block_cls=EvoViTBlock)
-        model._ts_pool = c["pool"]
-        for i, blk in enumerate(model.blocks):
-            blk._ts_plan = plans.get(i, EvoPlan())
-            blk._ts_alpha = float(c["alpha"])
+        return flat_spans(depth, stages, [float(r) for r in rates], c["split"])
 
-    def apply_levit(self, model: nn.Module) -> None:
-        """Evolution inside each stage of a timm LeViT (see :class:`EvoLevitStage`)."""
-        from ..patch.levit import check_levit, stage_grid
-        check_levit(model, self.name)
+    def hierarchical_spans(self, depths: list[int]) -> list[tuple[int, int, float]]:
+        """One evolution stage inside each model stage, from its ``starts`` block to its end (LeViT)."""
         c = self.config
         if c["stages"] is not None or c["split"] != "stage":
             raise TokenSparseError("options 'stages' and 'split' apply to ViTs; for LeViT use starts=[...] "
                                    "(evolution is split once per stage)")
-        n = len(model.stages)
-        depths = [len(st.blocks) for st in model.stages]
+        n = len(depths)
         starts = list(c["starts"]) if c["starts"] is not None else levit_default_starts(n)
         rates = list(c["keep_rate"]) if isinstance(c["keep_rate"], (list, tuple)) else [c["keep_rate"]] * n
         for name, values in (("starts", starts), ("keep_rate", rates)):
@@ -411,177 +427,9 @@ class EvoViT(Method):
         if starts[0] < 1:
             raise TokenSparseError(f"starts[0] must be >= 1 (block 0 of the first stage computes the first global "
                                    f"attention), got {starts[0]}")
-        class_token = c["class_token"] or "add"
-        if c["pool"] in ("token", "both") and class_token != "add":
-            raise TokenSparseError(f"pool={c['pool']} needs the class token: use class_token=add")
-        state = LevitEvoState(num_prefix=1 if class_token == "add" else 0)
-        swap_class(model, EvoLevit)
-        model._ts_state = state
-        model._ts_pool = c["pool"]
-        if class_token == "add":
-            ref = next(model.parameters())
-            model.ts_cls_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim[0], device=ref.device, dtype=ref.dtype))
-            nn.init.trunc_normal_(model.ts_cls_token, std=0.02)
-        for i, stage in enumerate(model.stages):
-            swap_class(stage, EvoLevitStage)
-            stage._ts_state = state
-            stage._ts_index = i
-            stage._ts_grid = stage_grid(stage)
-            stage._ts_plan = LevitPlan(start=min(starts[i], depths[i]), keep_rate=float(rates[i]), update=c["update"])
-            stage._ts_alpha = float(c["alpha"])
-            stage._ts_query = "first" if class_token == "add" else "mean"
-
-    def remove(self, model: nn.Module) -> None:
-        from ..patch import model_family
-        if model_family(model) == "levit":
-            for stage in model.stages:
-                for attr in ("_ts_state", "_ts_index", "_ts_grid", "_ts_plan", "_ts_alpha", "_ts_query"):
-                    stage.__dict__.pop(attr, None)
-            model._parameters.pop("ts_cls_token", None)
-        else:
-            for blk in model.blocks:
-                for attr in ("_ts_state", "_ts_index", "_ts_plan", "_ts_alpha"):
-                    blk.__dict__.pop(attr, None)
-        for attr in ("_ts_state", "_ts_pool"):
-            model.__dict__.pop(attr, None)
-
-
-# ----------------------------------------------------------------------------- LeViT
-
-def levit_default_starts(num_stages: int) -> list[int]:
-    """The paper's LeViT setting: evolution from block 2 of the first stage and block 0 of the others."""
-    return [2] + [0] * (num_stages - 1)
-
-
-@dataclass(frozen=True)
-class LevitPlan:
-    """One LeViT stage: evolution from block ``start`` (none if it is past the last block)."""
-    start: int
-    keep_rate: float
-    update: str
-
-
-class LevitEvoState(TokenState):
-    """Per-pass state of an Evo-LeViT: global class attention over the current stage's grid."""
-
-    def __init__(self, num_prefix: int) -> None:
-        super().__init__(num_prefix=num_prefix)
-        self.g: Optional[Tensor] = None
-
-    def begin(self) -> None:
-        """Start a forward pass."""
-        self.g, self.locations = None, []
-
-    def finish(self) -> None:
-        self.g = None  # drop this pass's tensors (and graph)
-
-    def record_stage_block(self, stage: int, block: int, grid: tuple[int, int], split: _Split) -> None:
-        """Store a :class:`LocationInfo` for an evolution block (identity layout, sizes one)."""
-        B, n = split.informative.shape
-        dev = split.informative.device
-        self.locations.append(LocationInfo(
-            block=block, num_prefix=self.num_prefix, size=torch.ones(B, self.num_prefix + n, device=dev),
-            patch_to_token=(torch.arange(n, device=dev) + self.num_prefix).expand(B, -1),
-            extra={"informative": split.informative.detach(), "global_attention": self.g.detach()},
-            grid=grid, stage=stage))
-
-
-class EvoLevitStage(LevitStage):
-    """timm ``LevitStage`` on tokens ``(B, P + N, C)`` (a class token in front when ``P == 1``).
-
-    Its downsampling carries the class token (it queries for itself) and subsamples the global
-    class attention; from block ``start`` on, the informative tokens (by global class
-    attention) and the representative of the placeholders run the blocks, with LeViT's
-    attention biases gathered for the informative tokens (zero for tokens without a grid
-    position); the full map is restored at the end of the stage.
-    """
-    _ts_state: LevitEvoState
-    _ts_index: int
-    _ts_grid: tuple[int, int]
-    _ts_plan: LevitPlan
-    _ts_alpha: float
-    _ts_query: str
-
-    def forward(self, x: Tensor) -> Tensor:
-        from ..patch.levit import block_tokens, downsample_tokens, gather_bias, pad_bias, subsample
-        state, plan, alpha, query = self._ts_state, self._ts_plan, self._ts_alpha, self._ts_query
-        P = state.num_prefix
-        if isinstance(self.downsample, LevitDownsample):
-            ad = self.downsample.attn_downsample
-            x, row = downsample_tokens(self.downsample, x, P, query)
-            if state.g is not None:
-                g = subsample(state.g, ad.resolution, ad.stride)
-                new = update_global_attention(g, subsample(row, ad.resolution, ad.stride), alpha)
-                state.g = new * (state.g.sum(dim=1, keepdim=True) / new.sum(dim=1, keepdim=True))  # authors' rescale
-        n = self._ts_grid[0] * self._ts_grid[1]
-        split: Optional[_Split] = None
-        for i, blk in enumerate(self.blocks):
-            bias = blk.attn.get_attention_biases(x.device)
-            if i == plan.start and keep_count(plan.keep_rate, n) < n:
-                x, split = open_stage(x, state.g, P, plan.keep_rate, plan.update)
-            if split is None:
-                x, row = block_tokens(blk, x, pad_bias(bias, P, 0), query)
-                state.g = update_global_attention(state.g, row[:, P:], alpha)
-                continue
-            k, extra = split.inf_idx.shape[1], int(split.rep is not None)
-            x, row = block_tokens(blk, x, pad_bias(gather_bias(bias, split.inf_idx), P, extra), query)
-            g_inf = update_global_attention(state.g.gather(1, split.inf_idx), row[:, P:P + k], alpha)
-            state.g = state.g.scatter(1, split.inf_idx, g_inf)
-            state.record_stage_block(self._ts_index, i, self._ts_grid, split)
-        return x if split is None else close_stage(x, split, P)
-
-
-class EvoLevit(Levit):
-    """timm ``Levit`` running its stages on tokens, with an optional new class token in front.
-
-    ``forward_features`` returns tokens ``(B, P + N, C)`` in both LeViT variants;
-    ``forward_head`` classifies the mean of the patch tokens (LeViT's own head), the class
-    token, or both (logits averaged), through the model's own head(s).
-    """
-    _ts_state: LevitEvoState
-    _ts_pool: str
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        from ..patch.levit import stem_tokens
-        state = self._ts_state
-        state.begin()
-        x = stem_tokens(self, x)
-        expected = self.stages[0]._ts_grid
-        if x.shape[1] != expected[0] * expected[1]:
-            size = tuple(int(v) for v in self.stages[0].blocks[0].attn.resolution)
-            raise TokenSparseError(
-                f"this LeViT was built for a {size[0]}x{size[1]} token grid ({size[0] * 16} px images: "
-                f"timm.create_model(..., img_size=...) sets it); the input gives {x.shape[1]} tokens")
-        if state.num_prefix:
-            x = torch.cat([self.ts_cls_token.expand(x.shape[0], -1, -1), x], dim=1)
-        for stage in self.stages:
-            x = stage(x)
-        return x
-
-    def forward(self, x: Tensor) -> Any:
-        try:
-            return self.forward_head(self.forward_features(x))
-        finally:
-            self._ts_state.finish()
-
-    def _head(self, v: Tensor, pre_logits: bool) -> Any:
-        """timm's own head on pooled features ``v`` ``(B, C)``."""
-        shaped = v.view(v.shape[0], -1, 1, 1) if self.use_conv else v.unsqueeze(1)
-        return super().forward_head(shaped, pre_logits=pre_logits)
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Any:
-        P = self._ts_state.num_prefix
-        pool = self._ts_pool
-        if pool == "token":
-            return self._head(x[:, 0], pre_logits)
-        mean = self._head(x[:, P:].mean(dim=1), pre_logits)
-        if pool != "both":
-            return mean
-        token = self._head(x[:, 0], pre_logits)
-        if isinstance(mean, tuple):
-            return tuple((a + b) / 2 for a, b in zip(mean, token))
-        return (mean + token) / 2
-
-    def forward_intermediates(self, *args: Any, **kwargs: Any) -> Any:
-        raise TokenSparseError("forward_intermediates is not available on a LeViT patched with evovit "
-                               "(its tokens carry a class token); use forward_features")
+        spans, offset = [], 0
+        for depth, start, rate in zip(depths, starts, rates):
+            if start < depth:
+                spans.append((offset + start, offset + depth, float(rate)))
+            offset += depth
+        return spans

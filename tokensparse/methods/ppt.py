@@ -1,16 +1,16 @@
 """PPT: per image, pool (merge) tokens when attention is flat, prune them when it is peaked (METHODS.md §3)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import TokenSparseError
+from ..families import AttentionExtras
 from ..ops import gather_tokens, keep_assignment, topk_indices, with_prefix
-from ..patch.vit import AttentionExtras, TokenReducer
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, check_bool, check_count, per_location, resolve_locations
+from .base import BlockReducerMethod, OptionInfo, TokenReducer, check_bool, check_count, per_location, resolve_locations
 from .tome import merge_patch_tokens
 
 REFERENCE_R = 50
@@ -49,7 +49,7 @@ def prune_patch_tokens(x: Tensor, scores: Tensor, r: int, state: TokenState) -> 
     :func:`~tokensparse.methods.tome.merge_patch_tokens`.
     """
     P = state.num_prefix
-    B, N, _ = x.shape
+    _B, N, _ = x.shape
     keep = with_prefix(topk_indices(scores, N - P - r), P)
     state.update(keep_assignment(keep, N, P), None if state.size is None else gather_tokens(state.size, keep))
     return gather_tokens(x, keep)
@@ -83,7 +83,7 @@ class PPTReducer(TokenReducer):
     """
     needs = frozenset({"cls_attn", "value_norm", "keys"})
 
-    def __init__(self, r: Optional[int], threshold: float) -> None:
+    def __init__(self, r: int | None, threshold: float) -> None:
         super().__init__()
         self.r, self.threshold = r, threshold
 
@@ -140,8 +140,8 @@ class PPT(BlockReducerMethod):
         check_threshold(c["threshold"])
         self.prop_attn = check_bool(c["prop_attn"], "prop_attn")
 
-    def build_reducers(self, model: nn.Module) -> dict[int, nn.Module]:
+    def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
         c = self.config
-        locs = resolve_locations(c["locations"], len(model.blocks))
+        locs = resolve_locations(c["locations"], depth)
         rs = per_location(c["r"], len(locs), "r")
         return {l: PPTReducer(r, float(c["threshold"])) for l, r in zip(locs, rs)}

@@ -4,13 +4,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ..errors import TokenSparseError
+from ..families import AttentionExtras
 from ..ops import bipartite_soft_matching, merge_assignment, merge_tokens
-from ..patch.vit import AttentionExtras, TokenReducer
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, check_bool, check_choice, check_count
+from .base import BlockReducerMethod, OptionInfo, TokenReducer, check_bool, check_choice, check_count
 
 
 def merge_patch_tokens(x: Tensor, metric: Tensor, r: int, state: TokenState) -> Tensor:
@@ -87,6 +87,6 @@ class ToMe(BlockReducerMethod):
         check_bool(c["prop_attn"], "prop_attn")
         self.prop_attn = c["prop_attn"]
 
-    def build_reducers(self, model: nn.Module) -> dict[int, nn.Module]:
-        rs = tome_schedule(self.config["r"], len(model.blocks), self.config["schedule"])
+    def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
+        rs = tome_schedule(self.config["r"], depth, self.config["schedule"])
         return {i: ToMeReducer(r) for i, r in enumerate(rs)}

@@ -1,16 +1,23 @@
 """Top-K and EViT: keep the patch tokens with the highest class attention (METHODS.md §1)."""
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
+from ..families import AttentionExtras
 from ..ops import fuse_tokens, gather_tokens, keep_assignment, split_topk, topk_indices, with_prefix
-from ..patch.vit import AttentionExtras, TokenReducer
 from ..state import TokenState
-from .base import (BlockReducerMethod, OptionInfo, check_bool, check_count, check_keep_rate, keep_count,
-                   per_location, resolve_locations)
+from .base import (
+    BlockReducerMethod,
+    OptionInfo,
+    TokenReducer,
+    check_bool,
+    check_count,
+    check_keep_rate,
+    keep_count,
+    per_location,
+    resolve_locations,
+)
 
 
 class TopKReducer(TokenReducer):
@@ -21,7 +28,7 @@ class TopKReducer(TokenReducer):
     """
     needs = frozenset({"cls_attn"})
 
-    def __init__(self, keep_rate: Optional[float], tokens: Optional[int], fuse: bool) -> None:
+    def __init__(self, keep_rate: float | None, tokens: int | None, fuse: bool) -> None:
         super().__init__()
         self.keep_rate, self.tokens, self.fuse = keep_rate, tokens, fuse
 
@@ -30,7 +37,7 @@ class TopKReducer(TokenReducer):
 
     def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
         P = state.num_prefix
-        B, N, _ = x.shape
+        _B, N, _ = x.shape
         n = N - P
         k = min(self.tokens, n) if self.tokens is not None else keep_count(self.keep_rate, n)
         if k >= n:
@@ -77,9 +84,9 @@ class TopK(BlockReducerMethod):
                 check_count(t, "tokens", minimum=1)
         check_bool(c["fuse"], "fuse")
 
-    def build_reducers(self, model: nn.Module) -> dict[int, nn.Module]:
+    def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
         c = self.config
-        locs = resolve_locations(c["locations"], len(model.blocks))
+        locs = resolve_locations(c["locations"], depth)
         if c["tokens"] is not None:
             counts = per_location(c["tokens"], len(locs), "tokens")
             rates = [None] * len(locs)

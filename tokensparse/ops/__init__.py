@@ -1,11 +1,23 @@
 """Small pure tensor functions every method is built from: score, select, merge, gather."""
-from .attention import class_attention, size_bias
+from .attention import class_attention, gather_bias, pad_bias, policy_softmax, size_bias
 from .merge import MergePlan, bipartite_soft_matching, merge_assignment, merge_tokens
-from .select import (fuse_tokens, gather_tokens, keep_assignment, route_tokens, split_topk, topk_indices,
-                     with_prefix)
+from .select import fuse_tokens, gather_tokens, keep_assignment, route_tokens, split_topk, topk_indices, with_prefix
 
 __all__ = [
-    "class_attention", "size_bias", "MergePlan", "bipartite_soft_matching", "merge_assignment",
-    "merge_tokens", "fuse_tokens", "gather_tokens", "keep_assignment", "route_tokens", "split_topk",
-    "topk_indices", "with_prefix",
+                     "MergePlan",
+                     "bipartite_soft_matching",
+                     "class_attention",
+                     "fuse_tokens",
+                     "gather_bias",
+                     "gather_tokens",
+                     "keep_assignment",
+                     "merge_assignment",
+                     "merge_tokens",
+                     "pad_bias",
+                     "policy_softmax",
+                     "route_tokens",
+                     "size_bias",
+                     "split_topk",
+                     "topk_indices",
+                     "with_prefix",
 ]

@@ -1,29 +1,71 @@
-"""Attention primitives: the class-attention row and the proportional-attention bias."""
+"""Attention primitives: class-attention rows, the proportional-attention bias, masked softmax
+and attention biases for tokens that have (or lack) a grid position."""
 from __future__ import annotations
 
-from typing import Optional
-
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
-def class_attention(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor] = None) -> Tensor:
-    """Softmax attention row of the first (class) query over all keys.
+def class_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None,
+                    query: str = "first") -> Tensor:
+    """Softmax attention row of one query over all keys, per head.
 
     Args:
-        q: queries ``(B, H, N, D)``; only ``q[:, :, :1]`` is used, so the cost is O(N).
+        q: queries ``(B, H, M, D)``; only the first (``query="first"``, the class token) or
+            their mean (``query="mean"``, for models without a class token) is used, so the
+            cost is O(N).
         k: keys ``(B, H, N, D)``.
         scale: the attention scale (``D ** -0.5`` for standard attention).
-        bias: optional additive logit bias broadcastable to ``(B, H, 1, N)``.
+        bias: optional additive logit bias broadcastable to ``(B, H, M, N)``; the mean
+            query's bias is the mean of the bias rows (its logits are the mean logits).
+        query: ``"first"`` or ``"mean"``.
 
     Returns:
         ``(B, H, N)`` attention weights, computed in fp32 and cast back.
     """
-    logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)
-    if bias is not None:
-        logits = logits + bias.float()
+    if query == "first":
+        qc = q[:, :, :1]
+        b = None if bias is None else bias[..., :1, :]
+    else:
+        qc = q.mean(dim=2, keepdim=True)
+        b = None if bias is None else bias.mean(dim=-2, keepdim=True)
+    logits = (qc.float() * scale) @ k.float().transpose(-2, -1)
+    if b is not None:
+        logits = logits + b.float()
     return logits.softmax(dim=-1).squeeze(2).to(q.dtype)
 
 
 def size_bias(size: Tensor) -> Tensor:
     """Proportional-attention bias ``log(size)`` per key, shaped ``(B, 1, 1, N)``."""
     return size.log().reshape(size.shape[0], 1, 1, -1)
+
+
+def policy_softmax(logits: Tensor, policy: Tensor, eps: float = 1e-12) -> Tensor:
+    """Softmax over keys where only kept keys (``policy`` ``(B, N)`` = 1) and the query itself count.
+
+    ``logits``: ``(B, H, N, N)``. Computed in fp32 as ``softmax * allow`` renormalised, which
+    is multiplicative, so gradients reach ``policy`` (DynamicViT's formulation). With an
+    all-ones policy this is ``softmax`` up to rounding.
+    """
+    n = logits.shape[-1]
+    keys = policy.float().reshape(policy.shape[0], 1, 1, n)
+    eye = torch.eye(n, dtype=torch.float32, device=logits.device)
+    allow = keys + (1.0 - keys) * eye
+    weights = logits.float().softmax(dim=-1) * allow
+    return weights / (weights.sum(dim=-1, keepdim=True) + eps)
+
+
+def pad_bias(bias: Tensor, before: int, after: int) -> Tensor:
+    """Zero rows and columns for ``before`` leading and ``after`` trailing tokens without a position."""
+    if before == 0 and after == 0:
+        return bias
+    return F.pad(bias, (before, after, before, after))
+
+
+def gather_bias(bias: Tensor, positions: Tensor) -> Tensor:
+    """``(B, H, k, k)`` attention bias among the grid ``positions`` ``(B, k)`` from ``bias`` ``(H, N, N)``."""
+    B, k = positions.shape
+    H, N, _ = bias.shape
+    rows = bias.unsqueeze(0).expand(B, H, N, N).gather(2, positions.view(B, 1, k, 1).expand(B, H, k, N))
+    return rows.gather(3, positions.view(B, 1, 1, k).expand(B, H, k, k))

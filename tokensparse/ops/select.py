@@ -1,7 +1,7 @@
 """Selection primitives: top-k of scores, gathering tokens, fusing dropped tokens."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -52,8 +52,8 @@ def keep_assignment(keep: Tensor, n_old: int, num_prefix: int) -> Tensor:
 
 
 def route_tokens(x: Tensor, slow_fn: Callable[[Tensor], Tensor], fast_fn: Callable[[Tensor], Tensor],
-                 mask: Optional[Tensor] = None, slow_idx: Optional[Tensor] = None,
-                 fast_idx: Optional[Tensor] = None) -> Tensor:
+                 mask: Tensor | None = None, slow_idx: Tensor | None = None,
+                 fast_idx: Tensor | None = None) -> Tensor:
     """Send each of the tokens ``x`` ``(B, N, C)`` through ``slow_fn`` or ``fast_fn``, in place.
 
     Either ``mask`` ``(B, N, 1)`` (1: slow, 0: fast; differentiable: both functions run on

@@ -1,7 +1,8 @@
 """Training DynamicViT predictors: losses, distributed fine-tuning and fast calibration."""
+from .calibrate import CalibrateConfig, calibrate_dynamicvit
+from .config import LearningConfig
+from .finetune import TrainConfig, finetune_dynamicvit, load_checkpoint, save_checkpoint
 from .losses import DynamicViTLoss, Teacher
-from .finetune import TrainConfig, finetune, load_checkpoint, save_checkpoint
-from .calibrate import CalibrateConfig, calibrate
 
-__all__ = ["DynamicViTLoss", "Teacher", "TrainConfig", "finetune", "load_checkpoint", "save_checkpoint",
-           "CalibrateConfig", "calibrate"]
+__all__ = ["CalibrateConfig", "DynamicViTLoss", "LearningConfig", "Teacher", "TrainConfig", "calibrate_dynamicvit",
+           "finetune_dynamicvit", "load_checkpoint", "save_checkpoint"]

@@ -17,51 +17,57 @@ training-free ranking.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..api import is_patched, patch
 from ..errors import TokenSparseError
+from ..families import AttentionExtras, BlockHook, TokenFamily, get_family, restore
 from ..methods import dynamicvit as dv
+from ..methods import supported_families
+from ..spec import parse_spec
+from ..state import TokenState
+from ..utils import progress_bar, resolve_device
+from .config import LearningConfig, check_int, check_number
 from .finetune import WarmupCosine, mix_seed, seed_everything
 from .losses import DynamicViTLoss, Teacher
 
 
-@dataclass
-class CalibrateConfig:
-    """Calibration options. ``flip``: also cache horizontally flipped images (2x data).
+@dataclass(kw_only=True)
+class CalibrateConfig(LearningConfig):
+    """Calibration options (shared ones: :class:`~tokensparse.train.config.LearningConfig`).
 
-    ``ratio_weight`` None: the authors' weight for the model (2.0 ViT, 10.0 ConvNeXt / Swin).
+    ``flip``: also cache horizontally flipped images (2x data). ``epochs`` may be 0.
 
     ``imitation_epochs``: before the end-to-end distillation (``epochs``), warm-start each
     predictor to rank tokens like the teacher's class attention at its block (top-k
-    membership as the keep label; cheap: predictors only, on cached teacher tokens).
-    0 turns this off (and it is skipped for models without a class token, ConvNeXt and Swin).
+    membership as the keep label; cheap: predictors only, on cached teacher tokens), at
+    ``imitation_lr``. 0 turns this off (and it is skipped for models without a class token,
+    ConvNeXt and Swin).
     """
     epochs: int = 3
     batch_size: int = 32
     lr: float = 5e-4
-    weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     min_lr: float = 1e-5
-    ratio_weight: Optional[float] = None
-    distill_weight: float = 0.5
-    token_weight: float = 0.5
+    num_workers: int = 0
     flip: bool = True
     imitation_epochs: int = 30
     imitation_lr: float = 1e-3
-    seed: int = 0
-    num_workers: int = 0
+
+    min_epochs: ClassVar[int] = 0
 
     def validate(self) -> None:
-        for name, low in (("epochs", 0), ("imitation_epochs", 0), ("batch_size", 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise TokenSparseError(f"{name} must be an integer >= {low}, got {v!r}")
+        super().validate()
+        check_int(self, "imitation_epochs", 0)
+        check_number(self, "imitation_lr")
         if not self.lr > 0:
             raise TokenSparseError(f"lr must be > 0, got {self.lr!r}")
 
@@ -84,63 +90,69 @@ class TeacherCache:
         return self.inputs.shape[0]
 
 
-def block_class_attention(block: nn.Module, x: Tensor) -> Tensor:
-    """Head-averaged class-token attention ``(B, N)`` of ``block``'s attention on tokens ``x``."""
-    from ..ops import class_attention
-    attn = block.attn
-    B, N, _ = x.shape
-    h = block.norm1(x)
-    q, k, _ = attn.qkv(h).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    return class_attention(q, k, attn.scale).mean(dim=1)
+class TeacherRecorder(BlockHook):
+    """At one block of the unreduced teacher: its input patch tokens and head-averaged class attention."""
+    needs = frozenset({"cls_attn"})
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens: list[Tensor] = []
+        self.scores: list[Tensor] = []
+
+    def before(self, x: Tensor, state: TokenState, block: int) -> Tensor:
+        self.tokens.append(x.cpu())
+        return x
+
+    def after_attn(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+        self.scores.append(extras.cls_attn.mean(dim=1).cpu())
+        return x
 
 
 @torch.no_grad()
 def cache_teacher(model: nn.Module, dataset: Dataset, locations: list[int], batch_size: int, flip: bool,
                   device: torch.device, num_workers: int = 0, imitation: bool = True,
-                  progress: Optional[Callable[[int], None]] = None) -> TeacherCache:
-    """Run the unreduced ``model`` once over ``dataset`` (and its mirror images if ``flip``)."""
-    from ..patch import family_module, model_family
+                  progress: Callable[[int], None] | None = None) -> TeacherCache:
+    """Run the unreduced ``model`` once over ``dataset`` (and its mirror images if ``flip``).
+
+    With ``imitation`` (token families with a class token), recording hooks at ``locations``
+    keep each location's input tokens and class attention (removed again afterwards).
+    """
     model.eval()
-    family = family_module(model)
-    P = getattr(model, "num_prefix_tokens", 0)
+    family = get_family(model)
     start = min(locations)
-    imitation = imitation and model_family(model) == "vit" and getattr(model, "has_class_token", False)
+    imitation = imitation and isinstance(family, TokenFamily) and family.has_class_token
+    P = family.num_prefix if imitation else 0
+    recorders = {b: TeacherRecorder() for b in locations}
     inputs, logits, tokens = [], [], []
-    stage_tokens: list[list[Tensor]] = [[] for _ in locations]
-    stage_scores: list[list[Tensor]] = [[] for _ in locations]
-    for images, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
-        images = images.to(device)
-        views = [images, images.flip(-1)] if flip else [images]
-        for view in views:
-            if imitation:  # walk the blocks one by one, keeping what the warm start needs at each location
-                h = family.run_to(model, view, 0)
-                for i, blk in enumerate(model.blocks):
-                    if i == start:
-                        inputs.append(h.cpu())
-                    if i in locations:
-                        j = locations.index(i)
-                        stage_tokens[j].append(h[:, P:].cpu())
-                        stage_scores[j].append(block_class_attention(blk, h)[:, P:].cpu())
-                    h = blk(h)
-                feats = model.norm(h)
-            else:
-                h = family.run_to(model, view, start)
-                inputs.append(h.cpu())
-                feats = family.features_from(model, h, start)
-            logits.append(model.forward_head(feats).cpu())
-            tokens.append(family.feature_tokens(feats).cpu())
-        if progress is not None:
-            progress(len(images))
-    return TeacherCache(start, torch.cat(inputs), torch.cat(logits), torch.cat(tokens),
-                        [torch.cat(t) for t in stage_tokens if t], [torch.cat(t) for t in stage_scores if t])
+    if imitation:
+        family.install(TokenState(num_prefix=P), recorders)
+    try:
+        for images, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+            images = images.to(device)
+            for view in ([images, images.flip(-1)] if flip else [images]):
+                if imitation:  # one full pass; the hooks keep what the warm start needs
+                    feats = model.forward_features(view)
+                    inputs.append(recorders[start].tokens[-1])
+                else:
+                    h = family.run_to(view, start)
+                    inputs.append(h.cpu())
+                    feats = family.features_from(h, start)
+                logits.append(model.forward_head(feats).cpu())
+                tokens.append(family.feature_tokens(feats).cpu())
+            if progress is not None:
+                progress(len(images))
+    finally:
+        if imitation:
+            restore(model)
+    stage_tokens = [torch.cat(recorders[b].tokens)[:, P:] for b in locations] if imitation else []
+    stage_scores = [torch.cat(recorders[b].scores)[:, P:] for b in locations] if imitation else []
+    return TeacherCache(start, torch.cat(inputs), torch.cat(logits), torch.cat(tokens), stage_tokens, stage_scores)
 
 
-def imitate_class_attention(stage_map: dict[int, "dv.PredictionModule"], cache: TeacherCache, epochs: int,
+def imitate_class_attention(stage_map: dict[int, dv.PredictionModule], cache: TeacherCache, epochs: int,
                             lr: float, batch_size: int, seed: int, device: torch.device,
-                            progress: Optional[Callable[[int], None]] = None) -> None:
+                            progress: Callable[[int], None] | None = None) -> None:
     """Warm-start predictors: keep label = top-k of the teacher's class attention at each location."""
-    import torch.nn.functional as F
     stages = list(stage_map.values())
     params = [p for s in stages for p in s.predictor.parameters()]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -165,15 +177,11 @@ def imitate_class_attention(stage_map: dict[int, "dv.PredictionModule"], cache: 
 
 def forward_from(model: nn.Module, h: Tensor, start: int) -> Tensor:
     """Logits of a patched model run from block ``start`` on ``h``; records its final tokens."""
-    from ..patch import family_module
-    family = family_module(model)
-    features = family.features_from(model, h, start)
-    model._ts_state.features = family.feature_tokens(features)
-    return model.forward_head(features)
+    return model.forward_head(get_family(model).features_from(h, start))
 
 
-def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
-              config: Optional[CalibrateConfig] = None, out: str | Path | None = None,
+def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
+              config: CalibrateConfig | None = None, out: str | Path | None = None,
               progress: bool = True, device: str = "cpu") -> nn.Module:
     """Train DynamicViT's new parts for ``model`` by distillation from its unreduced self.
 
@@ -183,12 +191,10 @@ def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
     Writes the learned parts to ``out`` (safetensors) if given. Returns the patched model in
     eval mode.
     """
-    import tokensparse
-    from ..measure._common import progress_bar, resolve_device
     cfg = config or CalibrateConfig()
     cfg.validate()
     dev = resolve_device(device)
-    if tokensparse.is_patched(model):
+    if is_patched(model):
         locations = sorted(dv.prediction_modules(model))
         base = Teacher(model).model
     else:
@@ -202,8 +208,8 @@ def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
     with progress_bar("teacher", len(dataset), progress) as advance:
         cache = cache_teacher(base, dataset, locations, cfg.batch_size, cfg.flip, dev, cfg.num_workers,
                               imitation, advance)
-    if not tokensparse.is_patched(model):
-        tokensparse.patch(model, method)
+    if not is_patched(model):
+        patch(model, method)
     model.to(dev)
     stage_map = dv.prediction_modules(model)
     start = min(stage_map)
@@ -254,17 +260,14 @@ def calibrate(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
 
 def method_plan(model: nn.Module, method: str) -> dict[int, float]:
     """``{block: keep ratio}`` that ``method`` (a dynamicvit spec) gives ``model``; clear error otherwise."""
-    from ..methods import get_method
-    from ..patch import model_family
-    from ..spec import parse_spec
     name, options = parse_spec(method)
     if name != "dynamicvit":
         raise TokenSparseError(f"calibration supports the learned method 'dynamicvit', got {name!r}")
-    method_obj = get_method(name)(**options)
-    family = model_family(model)
-    if family not in method_obj.families:
-        raise TokenSparseError(f"method 'dynamicvit' does not support {family} models; it supports: "
-                               f"{', '.join(method_obj.families)}")
+    method_obj = dv.DynamicViT(**options)
+    family = get_family(model)
+    if not method_obj.supports_family(type(family)):
+        raise TokenSparseError(f"method 'dynamicvit' does not support {family.name} models; it supports: "
+                               f"{', '.join(supported_families(dv.DynamicViT))}")
     if not hasattr(model, "forward_head"):
         raise TokenSparseError("calibration needs a full classifier (with its head), not a features_only model")
-    return method_obj.plan(model)
+    return method_obj.plan(family)

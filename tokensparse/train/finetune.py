@@ -7,28 +7,33 @@ the consumed batches without loading them and continues bit-for-bit like an unin
 
 Checkpoints (``<out>/checkpoint.pt``) are one ``torch.save`` file holding only tensors and
 plain Python values (model and predictors state dict, AdamW and LR-scheduler state, epoch,
-step, RNG state, config), loadable with ``weights_only=True``; they are written to a temp
-file and moved into place with ``os.replace``, so a crash never leaves a half-written one.
+step, RNG state, config), loadable with ``weights_only=True``; they are written atomically
+(:func:`tokensparse.utils.atomic_write`), so a crash never leaves a half-written one.
 Trained predictors also go to ``<out>/predictors.safetensors`` after every epoch.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import random
-import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from timm.optim import param_groups_weight_decay
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..api import is_patched, patch
 from ..errors import TokenSparseError
 from ..methods import dynamicvit as dv
+from ..spec import parse_spec
+from ..utils import atomic_write, progress_bar
+from .config import LearningConfig, check_int, check_number
 from .losses import DynamicViTLoss, Teacher
 
 CHECKPOINT = "checkpoint.pt"
@@ -36,50 +41,30 @@ PREDICTORS = "predictors.safetensors"
 CHECKPOINT_VERSION = 1
 
 
-@dataclass
-class TrainConfig:
+@dataclass(kw_only=True)
+class TrainConfig(LearningConfig):
     """Fine-tuning options; defaults follow the DynamicViT authors' recipe (lr scaled to the batch).
 
-    ``batch_size`` is per process. ``lr`` is the learning rate of DynamicViT's new parts
-    (predictors, and fast paths in ConvNeXt / Swin); ``backbone_lr_scale``: backbone lr =
-    ``lr`` x this (0 freezes the backbone). ``ratio_weight`` None: the authors' weight for the
-    model (2.0 for ViTs, 10.0 for ConvNeXt / Swin). ``checkpoint_every``: also checkpoint every N steps.
-    ``max_steps``: stop early (tests, smoke runs).
+    Shared options: :class:`~tokensparse.train.config.LearningConfig`. ``backbone_lr_scale``:
+    backbone lr = ``lr`` x this (0 freezes the backbone). ``ce_weight``: cross-entropy weight.
+    ``clip_grad``: gradient norm clipping (None: off). ``bf16``: bf16 autocast.
+    ``checkpoint_every``: also checkpoint every N steps. ``max_steps``: stop early (tests,
+    smoke runs).
     """
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-3
     backbone_lr_scale: float = 0.01
-    weight_decay: float = 0.05
-    warmup_epochs: float = 5.0
-    min_lr: float = 1e-6
-    ratio_weight: Optional[float] = None
-    distill_weight: float = 0.5
-    token_weight: float = 0.5
     ce_weight: float = 1.0
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     bf16: bool = False
-    seed: int = 0
-    num_workers: int = 2
-    checkpoint_every: Optional[int] = None
-    max_steps: Optional[int] = None
+    checkpoint_every: int | None = None
+    max_steps: int | None = None
 
     def validate(self) -> None:
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise TokenSparseError(f"{name} must be a positive integer, got {v!r}")
-        if self.ratio_weight is not None and (isinstance(self.ratio_weight, bool) or not isinstance(
-                self.ratio_weight, (int, float)) or self.ratio_weight < 0):
-            raise TokenSparseError(f"ratio_weight must be a number >= 0, got {self.ratio_weight!r}")
-        for name in ("lr", "backbone_lr_scale", "weight_decay", "warmup_epochs", "min_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or not math.isfinite(v):
-                raise TokenSparseError(f"{name} must be a number >= 0, got {v!r}")
-        for name in ("checkpoint_every", "max_steps"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise TokenSparseError(f"{name} must be a positive integer, got {v!r}")
+        super().validate()
+        check_number(self, "backbone_lr_scale", "ce_weight")
+        if self.clip_grad is not None:
+            check_number(self, "clip_grad")
+        check_int(self, "checkpoint_every", 1, optional=True)
+        check_int(self, "max_steps", 1, optional=True)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -90,14 +75,14 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def setup_distributed(device: Optional[str] = None) -> DistInfo:
+def setup_distributed(device: str | None = None) -> DistInfo:
     """Join the ``torchrun`` process group if launched by it (nccl on GPUs, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -122,30 +107,6 @@ def barrier(info: DistInfo) -> None:
 
 # ----------------------------------------------------------------------------- data
 
-def split_dataset(dataset: Dataset, split: str = "all") -> Dataset:
-    """``all``, or the ``even`` / ``odd`` positions of the dataset's (sorted) sample list."""
-    if split == "all":
-        return dataset
-    if split not in ("even", "odd"):
-        raise TokenSparseError(f"split must be all, even or odd; got {split!r}")
-    return Subset(dataset, range(0 if split == "even" else 1, len(dataset), 2))
-
-
-def image_dataset(images: str | Path, model: nn.Module, wnids: str | Path | None = None,
-                  training: bool = True, split: str = "all") -> Dataset:
-    """An :class:`ImageNetFolder` (either layout) with the model's timm train or eval transforms."""
-    import timm.data
-    from ..measure import ImageNetFolder
-    cfg = timm.data.resolve_data_config({}, model=model)
-    if training:
-        transform = timm.data.create_transform(
-            input_size=cfg["input_size"], is_training=True, interpolation=cfg["interpolation"],
-            mean=cfg["mean"], std=cfg["std"])
-    else:
-        transform = timm.data.create_transform(**cfg)
-    return split_dataset(ImageNetFolder(images, wnids, transform=transform), split)
-
-
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed from integers (deterministic, order-sensitive)."""
     h = 1469598103934665603
@@ -155,14 +116,14 @@ def mix_seed(*parts: int) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed torch, Python's ``random`` and numpy (timm transforms use all three)."""
+    """Seed torch, Python's ``random`` and numpy (timm transforms use all three).
+
+    Not ``timm.utils.random_seed``: that passes the seed to numpy unchanged, which rejects the
+    63-bit seeds of :func:`mix_seed`; numpy gets ``seed mod 2**32`` here.
+    """
     torch.manual_seed(seed)
     random.seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % (1 << 32))
-    except ImportError:  # pragma: no cover
-        pass
+    np.random.seed(seed % (1 << 32))
 
 
 class SeededDataset(Dataset):
@@ -203,39 +164,38 @@ class WarmupCosine:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+class _NamedParameters:
+    """Some of a model's ``(name, parameter)`` pairs, shaped as timm's
+    :func:`~timm.optim.param_groups_weight_decay` reads a model."""
+
+    def __init__(self, named: Iterable[tuple[str, nn.Parameter]]) -> None:
+        self.named = list(named)
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(self.named)
+
+
 def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float, weight_decay: float) -> list[dict]:
-    """AdamW groups: DynamicViT's new parts at ``lr``, backbone at ``lr * backbone_lr_scale``; no decay on 1-d params."""
-    pred = {id(p) for p in dv.learned_parameters(model)}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        groups.setdefault((id(p) in pred, p.ndim <= 1), []).append(p)
+    """AdamW groups: DynamicViT's new parts at ``lr``, backbone at ``lr * backbone_lr_scale``.
+
+    Each part is split by timm's ``param_groups_weight_decay`` (no decay on 1-d parameters and
+    biases), so the groups are, in this order: new parts without / with decay, backbone
+    without / with decay (empty groups and a frozen backbone left out); parameters keep the
+    model's order. Trainable parameters only.
+    """
+    new = {id(p) for p in dv.learned_parameters(model)}
+    named = list(model.named_parameters())
     out = []
-    for (is_pred, no_decay), params in sorted(groups.items(), reverse=True):
-        scale = 1.0 if is_pred else backbone_lr_scale
+    for params, scale in (([(n, p) for n, p in named if id(p) in new], 1.0),
+                          ([(n, p) for n, p in named if id(p) not in new], backbone_lr_scale)):
         if scale == 0:
             continue
-        out.append({"params": params, "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay})
+        for group in param_groups_weight_decay(_NamedParameters(params), weight_decay):  # type: ignore[arg-type]
+            out.append({**group, "lr": lr * scale})
     return out
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then ``os.replace`` onto ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
 
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, epoch: int, step_in_epoch: int, global_step: int,
@@ -252,11 +212,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         "world_size": world, "config": asdict(config),
         "rng_torch": torch.get_rng_state(),
     }
-    try:
-        atomic_torch_save(payload, path)
-    except OSError as exc:
-        raise TokenSparseError(f"cannot write checkpoint {str(path)!r}: {exc.strerror or exc}") from None
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f), what="checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -281,17 +237,6 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, total: int, done: int) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar on stderr; yields ``update(text)`` that advances one step."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    with Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                  TextColumn("{task.fields[info]}"), console=Console(stderr=True), disable=not enabled) as bar:
-        task = bar.add_task("train", total=total, completed=done, info="")
-        yield lambda text: bar.update(task, advance=1, info=text)
-
-
 def _describe(parts: dict[str, float], keep: Sequence[float], lr: float) -> str:
     loss = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
     return f"{loss} | keep {' '.join(f'{r:.2f}' for r in keep)} | lr {lr:.2e}"
@@ -303,22 +248,20 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 def _prepare(model: nn.Module, method: str) -> tuple[nn.Module, Teacher]:
     """Patch ``model`` with ``method`` (unless it already is dynamicvit) and build the teacher."""
-    import tokensparse
-    from ..spec import parse_spec
-    if tokensparse.is_patched(model):
+    if is_patched(model):
         dv.prediction_modules(model)  # error unless it is dynamicvit
         return model, Teacher(model)
     name, _ = parse_spec(method)
     if name != "dynamicvit":
         raise TokenSparseError(f"training supports the learned method 'dynamicvit', got {name!r}")
     teacher = Teacher(model)
-    return tokensparse.patch(model, method), teacher
+    return patch(model, method), teacher
 
 
-def finetune(model: nn.Module, dataset: Dataset, out_dir: str | Path, method: str = "dynamicvit",
-             config: Optional[TrainConfig] = None, resume: bool | str | Path = False,
-             on_step: Optional[StepCallback] = None, progress: bool = True,
-             device: Optional[str] = None) -> nn.Module:
+def finetune_dynamicvit(model: nn.Module, dataset: Dataset, out_dir: str | Path, method: str = "dynamicvit",
+             config: TrainConfig | None = None, resume: bool | str | Path = False,
+             on_step: StepCallback | None = None, progress: bool = True,
+             device: str | None = None) -> nn.Module:
     """Fine-tune ``model`` with DynamicViT on ``dataset`` (items ``(image tensor, label)``).
 
     ``model`` is an unpatched timm ViT (patched here with ``method``; a frozen copy is the
@@ -375,7 +318,7 @@ def finetune(model: nn.Module, dataset: Dataset, out_dir: str | Path, method: st
             save_checkpoint(out / CHECKPOINT, net, optimizer, scheduler, ep, in_epoch, step, cfg, info.world)
         barrier(info)
 
-    with _progress(progress and info.main, stop, min(step, stop)) as update:
+    with progress_bar("train", stop, progress and info.main, completed=min(step, stop), transient=False) as advance:
         while epoch < cfg.epochs and step < stop:
             batches = epoch_batches(len(dataset), info, cfg.batch_size, cfg.seed, epoch)[skip:]
             loader = DataLoader(SeededDataset(dataset, cfg.seed, epoch), batch_sampler=batches,
@@ -398,7 +341,7 @@ def finetune(model: nn.Module, dataset: Dataset, out_dir: str | Path, method: st
                 step += 1
                 in_epoch += 1
                 values = {k: float(v) for k, v in parts.items()}
-                update(_describe(values, outputs.keep_ratios, optimizer.param_groups[0]["lr"]))
+                advance(1, _describe(values, outputs.keep_ratios, optimizer.param_groups[0]["lr"]))
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and in_epoch < per_epoch:
                     checkpoint(epoch, in_epoch)
                 if on_step is not None:

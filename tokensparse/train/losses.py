@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import copy
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..api import is_patched, unpatch
 from ..errors import TokenSparseError
+from ..families import get_family
 from ..methods.dynamicvit import DynamicViTOutputs
 
 
@@ -23,7 +24,7 @@ def logit_distillation(student: Tensor, teacher: Tensor) -> Tensor:
                     reduction="batchmean", log_target=True)
 
 
-def token_distillation(student: Tensor, teacher: Tensor, keep: Optional[Tensor] = None) -> Tensor:
+def token_distillation(student: Tensor, teacher: Tensor, keep: Tensor | None = None) -> Tensor:
     """MSE of final tokens ``(B, N, C)`` over the kept ones (``keep`` ``(B, N)``; None: all).
 
     Averaged per image over its kept tokens, then over images, so the loss of a batch is the
@@ -59,8 +60,8 @@ class DynamicViTLoss(nn.Module):
         self.ratio_weight, self.distill_weight, self.token_weight = ratio_weight, distill_weight, token_weight
         self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
 
-    def forward(self, logits: Tensor, target: Optional[Tensor], outputs: DynamicViTOutputs,
-                teacher_logits: Optional[Tensor] = None, teacher_tokens: Optional[Tensor] = None,
+    def forward(self, logits: Tensor, target: Tensor | None, outputs: DynamicViTOutputs,
+                teacher_logits: Tensor | None = None, teacher_tokens: Tensor | None = None,
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         zero = logits.new_zeros((), dtype=torch.float32)
         parts = {"ce": zero, "ratio": zero, "kl": zero, "token": zero}
@@ -91,15 +92,13 @@ class Teacher(nn.Module):
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        import tokensparse
-        from ..patch import family_module
         self.model = copy.deepcopy(model)
-        if tokensparse.is_patched(self.model):
-            tokensparse.unpatch(self.model)
+        if is_patched(self.model):
+            unpatch(self.model)
         self.model.eval().requires_grad_(False)
-        self.feature_tokens = family_module(self.model).feature_tokens
+        self.feature_tokens = get_family(self.model).feature_tokens
 
-    def train(self, mode: bool = True) -> "Teacher":  # always eval
+    def train(self, mode: bool = True) -> Teacher:  # always eval
         return super().train(False)
 
     @torch.no_grad()

@@ -1,0 +1,224 @@
+"""timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, AugReg, register-token ViTs).
+
+Thin class swaps in the style of ToMe: the model, its blocks and their attention modules get
+subclasses of timm's own classes. :class:`TokenBlock` is the one ViT block every method runs
+through, with its hook points (before the block, after attention, after the block);
+:class:`TokenAttention` is the one attention, fused, returning the by-products a hook asks
+for and taking a logit bias (proportional attention) or a keep mask (DynamicViT training).
+Weights and submodules stay timm's.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch.nn.functional as F
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+from torch import Tensor, nn
+
+from ..errors import TokenSparseError
+from ..ops import class_attention, policy_softmax
+from ..state import TokenState
+from .base import HOOK, AttentionExtras, BlockHook, TokenFamily, attach, block_hook, slot, swap_class
+
+
+def attention_extras(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None,
+                     needs: frozenset[str]) -> AttentionExtras:
+    """The :class:`AttentionExtras` fields named in ``needs`` from per-head ``q``, ``k``, ``v`` ``(B, H, N, D)``."""
+    B, _, N, _ = v.shape
+    return AttentionExtras(
+        cls_attn=class_attention(q, k, scale, bias) if "cls_attn" in needs else None,
+        mean_attn=class_attention(q, k, scale, bias, query="mean") if "mean_attn" in needs else None,
+        keys=k.mean(dim=1) if "keys" in needs else None,
+        value_norm=v.transpose(1, 2).reshape(B, N, -1).norm(dim=-1) if "value_norm" in needs else None,
+    )
+
+
+class TokenAttention(Attention):
+    """timm ``Attention`` that takes a logit bias or a keep mask and returns scoring by-products."""
+
+    def forward_tokens(self, x: Tensor, bias: Tensor | None = None, keep: Tensor | None = None,
+                       needs: frozenset[str] = frozenset()) -> tuple[Tensor, AttentionExtras]:
+        """Attention on ``x`` ``(B, N, C)``; ``bias`` broadcastable to ``(B, H, N, N)``.
+
+        ``keep`` ``(B, N)``: attend only to kept keys (and the query itself), multiplicatively
+        so that gradients reach the mask (:func:`~tokensparse.ops.policy_softmax`); this is the
+        one path that materialises the attention matrix (DynamicViT training).
+        """
+        B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if keep is not None:
+            weights = policy_softmax((q * self.scale) @ k.transpose(-2, -1), keep)
+            out = self.attn_drop(weights).to(v.dtype) @ v
+        elif self.fused_attn:
+            mask = None if bias is None else bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=self.attn_drop.p if self.training else 0.)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            if bias is not None:
+                attn = attn + bias
+            out = self.attn_drop(attn.softmax(dim=-1)) @ v
+        out = out.transpose(1, 2).reshape(B, N, -1)
+        out = self.norm(out)
+        if gate is not None:
+            out = out * gate
+        out = self.proj_drop(self.proj(out))
+        return out, attention_extras(q, k, v, self.scale, bias, needs)
+
+
+class TokenBlock(Block):
+    """timm ``Block`` with hook points: before the block, after attention, after the block."""
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        if attn_mask is not None or is_causal:
+            raise TokenSparseError("token reduction does not support attention masks or causal attention")
+        s = self.__dict__["_ts"]
+        state: TokenState = s.state
+        state.ensure_started(x)
+        hook: BlockHook | None = self._modules.get(HOOK)
+        if hook is None:
+            y, _ = self.attn.forward_tokens(self.norm1(x), state.attn_bias(), state.attn_policy())
+            x = x + self.drop_path1(self.ls1(y))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        x = hook.before(x, state, s.index)
+        y, extras = self.attn.forward_tokens(self.norm1(x), state.attn_bias(), state.attn_policy(), hook.needs)
+        x = x + self.drop_path1(self.ls1(y))
+        x = hook.after_attn(x, extras, state, s.index)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return hook.after(x, state, s.index)
+
+
+def pool_tokens(x: Tensor, state: TokenState, num_prefix: int) -> Tensor | None:
+    """Average of the patch tokens ``x[:, P:]`` weighted by what each one stands for, or None if unweighted.
+
+    Weights: the training keep mask (dropped tokens do not count) or the token sizes
+    (merged tokens count once per patch they hold).
+    """
+    P = num_prefix
+    if state.policy is not None:
+        return (x[:, P:] * state.policy).sum(dim=1) / state.policy.sum(dim=1).clamp_min(1.0)
+    if state.size is not None:
+        w = state.size[:, P:]
+        return (x[:, P:] * w).sum(dim=1) / w.sum(dim=1)
+    return None
+
+
+class TokenVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` that starts and ends the pass's bookkeeping and pools by token weight."""
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        state: TokenState = self.__dict__["_ts"].state
+        state.finish()
+        try:
+            out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+        finally:
+            state.finish()
+        if state.keep_features:
+            state.features = out
+        return out
+
+    def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
+        """``state.pool == "mean"``: mean of the patch tokens; average pooling weighted by token
+        size (or the training keep mask); every other pool is timm's."""
+        state: TokenState = self.__dict__["_ts"].state
+        if state.pool == "mean":
+            return x[:, self.num_prefix_tokens:].mean(dim=1)
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if self.attn_pool is None and pool_type == "avg" and not self.pool_include_prefix:
+            pooled = pool_tokens(x, state, self.num_prefix_tokens)
+            if pooled is not None:
+                return pooled
+        return super().pool(x, pool_type)
+
+
+class ViTFamily(TokenFamily):
+    """timm ``VisionTransformer`` built from timm's ``Block`` / ``Attention``."""
+    name: ClassVar[str] = "vit"
+    description: ClassVar[str] = "timm VisionTransformer (ViT, DeiT, distilled DeiT, AugReg, register-token ViTs)"
+    pools: ClassVar[tuple[str, ...]] = ("model", "mean")
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, VisionTransformer)
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return self.model.blocks
+
+    @property
+    def num_prefix(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    @property
+    def has_class_token(self) -> bool:
+        return bool(getattr(self.model, "has_class_token", False))
+
+    @property
+    def head_pools_tokens(self) -> bool:
+        """Whether the head is timm's token pooling (``pool`` applies), not a model's own head."""
+        return type(self.model).forward_head is VisionTransformer.forward_head
+
+    def check(self, method: str) -> None:
+        for i, blk in enumerate(self.model.blocks):
+            if not isinstance(blk, Block) or not isinstance(blk.attn, Attention):
+                raise TokenSparseError(
+                    f"block {i} of this VisionTransformer is a {type(blk).__name__} with "
+                    f"{type(getattr(blk, 'attn', None)).__name__} attention; supported: timm Block with "
+                    f"Attention (ViT, DeiT, AugReg, register-token ViTs)")
+        if getattr(self.model, "grad_checkpointing", False):
+            raise TokenSparseError("disable gradient checkpointing (model.set_grad_checkpointing(False)) before patching")
+
+    def install(self, state: TokenState, hooks: dict[int, BlockHook]) -> None:
+        swap_class(self.model, TokenVisionTransformer, state)
+        for i, blk in enumerate(self.model.blocks):
+            swap_class(blk, TokenBlock, state, i)
+            swap_class(blk.attn, TokenAttention, state, i)
+            if i in hooks:
+                attach(blk, HOOK, hooks[i])
+
+    def run_to(self, x: Tensor, start: int) -> Tensor:
+        m = self.model
+        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+        for blk in m.blocks[:start]:
+            x = blk(x)
+        return x
+
+    def features_from(self, h: Tensor, start: int) -> Tensor:
+        s = slot(self.model)
+        state = None if s is None else s.state
+        if state is not None:
+            state.finish()
+        try:
+            for blk in self.model.blocks[start:]:
+                h = blk(h)
+            out = self.model.norm(h)
+        finally:
+            if state is not None:
+                state.finish()
+        if state is not None and state.keep_features:
+            state.features = out
+        return out
+
+    def feature_tokens(self, features: Tensor) -> Tensor:
+        return features
+
+    def num_positions(self) -> int:
+        return int(self.model.patch_embed.num_patches)
+
+    def width(self) -> int:
+        """Channels of the tokens."""
+        return int(self.model.embed_dim)
+
+
+__all__ = [
+    "TokenAttention",
+    "TokenBlock",
+    "TokenVisionTransformer",
+    "ViTFamily",
+    "attention_extras",
+    "block_hook",
+    "pool_tokens",
+]
