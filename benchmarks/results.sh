@@ -24,6 +24,10 @@ for run in 1 2 3; do
     --runs 20 --method tome:r=13 --method evit:keep_rate=0.7 --method ppt --method evovit \
     --method dynamicvit:rho=0.7 --json "$OUT/deit_small_speed_run$run.json"
 done
+for run in 1 2; do  # the model-family redesign: the code before it and now, interleaved in one process
+  record "refactor_speed_run$run" python benchmarks/refactor_speed.py --before f0b9bf1 --method tome:r=13 \
+    --method evit:keep_rate=0.7 --method ppt --method evovit --method dynamicvit:rho=0.7
+done
 record overhead_limit python benchmarks/overhead_limit.py --method tome:r=13 --method evit:keep_rate=0.7 --method ppt
 
 # ViT-Tiny accuracy on the 500 shared images
