@@ -2,8 +2,9 @@
 
 Prints top-1, top-5 and agreement with the unreduced model (%) for ``update`` in
 (representative, carry) and ``keep_rate`` in (0.5, 0.7), at the default stages
-([3, 6, 9] for 12 blocks) and at the authors' DeiT stages ([4, 8]), all in one pass over the
-images (each image decoded once).
+([3, 6, 9] for 12 blocks) and at the authors' DeiT stages ([4, 8]), then the authors' whole DeiT
+setting (``tokensparse.methods.evovit.AUTHORS_DEIT``), all in one pass over the images (each
+image decoded once).
 
 Usage::
 
@@ -21,6 +22,7 @@ import torch
 
 import tokensparse
 from tokensparse.measure.accuracy import evaluate_many
+from tokensparse.methods.evovit import AUTHORS_DEIT
 from tokensparse.models import create_model
 
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -34,7 +36,7 @@ def specs(split: str) -> list[str]:
             for update in ("representative", "carry"):
                 extra = "" if split == "stage" else f",split={split}"
                 out.append(f"evovit:keep_rate={keep},update={update}{stages}{extra}")
-    return out
+    return [*out, AUTHORS_DEIT]
 
 
 def main() -> None:
@@ -57,11 +59,11 @@ def main() -> None:
     results = evaluate_many(models, data / "images", data / "wnids.txt", reference_key="none",
                             batch_size=args.batch_size, limit=args.limit, progress=False)
     print(f"{MODEL}: {results['none']['n']} images, {time.perf_counter() - start:.0f} s")
-    print(f"| {'method':<62} | top-1 | top-5 | agree |")
-    print(f"|{'-' * 64}|------:|------:|------:|")
+    print(f"| {'method':<104} | top-1 | top-5 | agree |")
+    print(f"|{'-' * 106}|------:|------:|------:|")
     for name, r in results.items():
         agree = "-" if name == "none" else f"{r['agreement']:.1f}"
-        print(f"| {name:<62} | {r['top1']:5.1f} | {r['top5']:5.1f} | {agree:>5} |")
+        print(f"| {name:<104} | {r['top1']:5.1f} | {r['top5']:5.1f} | {agree:>5} |")
 
 
 if __name__ == "__main__":

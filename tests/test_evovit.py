@@ -277,11 +277,15 @@ def test_model_without_class_token():
 
 
 def test_mean_pool_averages_patch_tokens():
+    """pool=mean classifies head(norm(mean(tokens))), the authors' order (evo_deit.py: mean, then
+    norm, then head); forward_features then returns the tokens before the final norm."""
     model = _small()
     tokensparse.patch(model, "evovit:pool=mean")
     with torch.no_grad():
         feats = model.forward_features(torch.randn(2, 3, 64, 64))
-        assert torch.allclose(model.forward_head(feats), model.head(feats[:, 1:].mean(dim=1)), atol=1e-6)
+        assert torch.allclose(model.forward_head(feats), model.head(model.norm(feats[:, 1:].mean(dim=1))), atol=1e-6)
+        h = torch.randn(2, 17, 192)
+        assert not torch.allclose(model.forward_head(h), model.head(model.norm(h)[:, 1:].mean(dim=1)), atol=1e-4)
     tokensparse.unpatch(model)
     assert "_ts" not in model.__dict__
 
@@ -317,3 +321,59 @@ def test_training_free_accuracy_vit_tiny(vit_tiny_weights, sample_images, sample
     assert r["none"]["n"] == ACCURACY_IMAGES
     assert r["evovit"]["top1"] >= r["none"]["top1"] - 8.0, r
     assert r["evovit"]["agreement"] >= 85.0, r
+
+
+# ----------------------------------------------------------------------------- fidelity to the authors' code
+
+def test_kept_count_rounds_down_like_the_authors():
+    """Evo-ViT keeps int(N * keep_rate) informative tokens (evo_deit.py); Top-K / EViT keep
+    ceil(keep_rate * N) (the EViT code). 16 patches at 0.7: 11.2 -> 11 and 12."""
+    model = tokensparse.patch(_small(), "evovit:keep_rate=0.7,stages=[2]")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert [int(r.extra["informative"][0].sum()) for r in tokensparse.location_records(model)] == [11, 11]
+    tokensparse.patch(model, "topk:keep_rate=0.7,locations=[2]")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    assert tokensparse.location_records(model)[0].num_tokens == 1 + 12
+
+
+def test_alpha_per_block_and_the_authors_schedule():
+    """alpha takes one value per block. With the authors' schedule (alpha 1 before the first
+    stage) the global attention splitting the first stage is the class attention of the block
+    before it alone: the informative tokens are the top keep_rate of that block's row."""
+    model = _small()
+    rec = Recorder(model)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
+    rec.close()
+    blk = model.blocks[2]  # the class attention of block 2 on its own input, summed over heads
+    with torch.no_grad():
+        h = blk.norm1(rec.inputs[2])
+        q, k, _ = blk.attn.qkv(h).reshape(2, 17, 3, 3, 64).permute(2, 0, 3, 1, 4).unbind(0)
+        row = ((q[:, :, :1] * blk.attn.scale) @ k.transpose(-2, -1)).softmax(-1)[:, :, 0, 1:].sum(dim=1)
+    expected = torch.zeros(2, 16, dtype=torch.bool).scatter_(1, row.topk(8, dim=1).indices, True)
+    tokensparse.patch(model, "evovit:stages=[3],update=carry,alpha=[1,1,1,0.5]")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
+    informative = tokensparse.location_records(model)[0].extra["informative"]
+    assert torch.equal(informative, expected)
+    tokensparse.patch(model, "evovit:stages=[3],update=carry,alpha=0.5")  # one alpha: g mixes blocks 0-2
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
+    g = tokensparse.location_records(model)[0].extra["global_attention"]
+    assert g.shape == (2, 16)
+    with pytest.raises(TokenSparseError, match="alpha has 3 entries but the model has 4 blocks"):
+        tokensparse.patch(model, "evovit:alpha=[1,1,0.5]")
+    with pytest.raises(TokenSparseError, match=r"alpha must be a number in \[0, 1\], got 2"):
+        tokensparse.patch(model, "evovit:alpha=[1,1,2,0.5]")
+
+
+def test_authors_deit_configuration_is_a_spec():
+    """The README's spec of the authors' DeiT setting builds and runs on a 12-block ViT."""
+    from tokensparse.methods.evovit import AUTHORS_DEIT
+    model = tokensparse.patch(_model("vit_tiny_patch16_224", img_size=64), AUTHORS_DEIT)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert [r.block for r in tokensparse.location_records(model)] == list(range(4, 12))
+    assert [int(r.extra["informative"].sum()) for r in tokensparse.location_records(model)] == [8] * 8

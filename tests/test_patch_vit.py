@@ -223,3 +223,76 @@ def test_deepcopy_of_patched_model_is_independent():
         assert torch.equal(model(x), twin(x))
     tokensparse.unpatch(twin)
     assert tokensparse.is_patched(model)
+
+
+# ----------------------------------------------------------------------------- dense features
+
+def _tiny(depth: int = 4, img: int = 64, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return _model("vit_tiny_patch16_224", depth=depth, img_size=img, **kw)
+
+
+@pytest.mark.parametrize("spec", ["topk:keep_rate=1.0", "tome:r=0", "evovit:keep_rate=1.0", "ppt:r=0"])
+def test_intermediates_with_nothing_reduced_equal_timms(spec):
+    model = _tiny(reg_tokens=2)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref_final, ref = model.forward_intermediates(x, norm=True)
+        ref_prefix = model.forward_intermediates(x, indices=2, return_prefix_tokens=True, intermediates_only=True)
+        tokensparse.patch(model, spec)
+        final, out = model.forward_intermediates(x, norm=True)
+        prefix = model.forward_intermediates(x, indices=2, return_prefix_tokens=True, intermediates_only=True)
+    assert (final - ref_final).abs().max().item() <= 1e-5
+    assert len(out) == len(ref) == 4 and all((a - b).abs().max().item() <= 1e-5 for a, b in zip(out, ref))
+    assert all((a - b).abs().max().item() <= 1e-5 for p, q in zip(prefix, ref_prefix) for a, b in zip(p, q))
+
+
+@pytest.mark.parametrize("spec, img, grid", [("topk:keep_rate=0.5,locations=[10]", 224, 14), ("tome:r=4", 64, 4),
+                                             ("ppt", 224, 14), ("evit", 224, 14), ("evovit", 224, 14),
+                                             ("dynamicvit", 224, 14)])
+def test_intermediates_of_a_reduced_model_cover_the_full_grid(spec, img, grid):
+    model = tokensparse.patch(_tiny(depth=12, img=img), spec)
+    with torch.no_grad():
+        out = model.forward_intermediates(torch.randn(2, 3, img, img), intermediates_only=True)
+        nlc = model.forward_intermediates(torch.randn(1, 3, img, img), indices=[0, 11], output_fmt="NLC",
+                                          intermediates_only=True)
+    assert [tuple(t.shape) for t in out] == [(2, 192, grid, grid)] * 12
+    assert [tuple(t.shape) for t in nlc] == [(1, grid * grid, 192)] * 2
+
+
+def test_intermediates_keep_dropped_patches_and_broadcast_merged_ones():
+    """A patch dropped at block 1 keeps its block-0 feature; patches merged into one token share its feature."""
+    model = tokensparse.patch(_tiny(), "topk:keep_rate=0.5,locations=[1]")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model.forward_intermediates(x, output_fmt="NLC", intermediates_only=True)
+    dropped = ~tokensparse.location_records(model)[0].kept
+    assert 0 < int(dropped.sum()) < dropped.numel()
+    for later in out[1:]:
+        assert torch.equal(later[dropped], out[0][dropped])
+    assert not torch.equal(out[1][~dropped], out[0][~dropped])
+    tokensparse.patch(model, "tome:r=8")
+    with torch.no_grad():
+        _, out = model.forward_intermediates(x, output_fmt="NLC")
+    p2t = tokensparse.location_records(model)[-1].patch_to_token
+    for b in range(2):
+        for token in p2t[b].unique():
+            group = out[-1][b][p2t[b] == token]
+            assert torch.equal(group, group[:1].expand_as(group))
+    assert len(p2t[0].unique()) < p2t.shape[1]  # some patches really were merged
+
+
+# ----------------------------------------------------------------------------- a failed patch changes nothing
+
+@pytest.mark.parametrize("bad", ["topk:locations=[99]", "dynamicvit:predictors=/nonexistent.safetensors",
+                                 "evovit:stages=[1,9]", "ppt:r=[1,2]"])
+def test_failed_patch_keeps_the_previous_method(bad):
+    model = tokensparse.patch(_tiny(), "tome:r=3")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = model(x)
+    with pytest.raises(TokenSparseError):
+        tokensparse.patch(model, bad)
+    assert tokensparse.patched_method(model).name == "tome"
+    with torch.no_grad():
+        assert torch.equal(model(x), before)

@@ -21,7 +21,9 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
         method: a method name or spec string ``"NAME:key=value,..."`` (see :func:`list_methods`).
         **options: method options; they override options given in the spec string.
 
-    A model that is already patched is first restored, so the last ``patch`` wins.
+    A model that is already patched is first restored, so the last ``patch`` wins. Everything
+    is checked before the model changes: a failed ``patch`` leaves it as it was (with its
+    previous method, if any).
     """
     name, spec_options = parse_spec(method)
     cls = get_method(name)
@@ -31,10 +33,11 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
         raise TokenSparseError(
             f"method '{name}' does not support {family.name} models; it supports: "
             f"{', '.join(supported_families(cls))}")
+    install = instance.prepare(model, family)  # may raise: the model is untouched so far
     if is_patched(model):
         unpatch(model)
     try:
-        instance.apply(model, family)
+        install()
     except BaseException:
         restore(model)
         raise

@@ -22,20 +22,20 @@ from torch.utils.data import Dataset
 
 from . import __version__
 from .api import list_methods
-from .data import ImageNetFolder, image_dataset
+from .data import ImageNetFolder, check_class_count, image_dataset, worker_error_message
 from .errors import TokenSparseError
 from .families import get_family
-from .measure import BASELINE, build_variants, measure_variants
+from .measure import BASELINE, build_variants, measure_variants, measurement_device, random_predictors, wide_spread
 from .methods import get_method
 from .methods.dynamicvit import describe
 from .models import create_model
 from .spec import format_spec, parse_spec
 from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
-from .train.calibrate import CalibrateConfig, calibrate_dynamicvit, method_plan
+from .train.calibrate import CalibrateConfig, calibrate_dynamicvit, check_output_file, method_plan
 from .train.config import LearningConfig
 from .train.finetune import CHECKPOINT, PREDICTORS, TrainConfig, finetune_dynamicvit
-from .utils import atomic_write
-from .viz import token_maps
+from .utils import atomic_write, check_writable_folder, resolve_device
+from .viz import figure_path, token_maps
 
 DEFAULT_MODEL = "deit_small_patch16_224"
 
@@ -145,9 +145,31 @@ def normalise_specs(specs: Sequence[str]) -> list[str]:
 
 
 def default_specs(model: nn.Module) -> list[str]:
-    """Every registered method that supports ``model``, at its defaults (error for an unsupported family)."""
-    get_family(model)  # names the supported families
-    return [info.name for info in list_methods() if info.supports(model)]
+    """Every registered training-free method that supports ``model``, at its defaults (those
+    that need training, :func:`needs_trained_parts`, are left out: at their defaults their
+    learned parts are random). Error for an unsupported family, or when no such method supports it."""
+    family = get_family(model)  # names the supported families
+    specs = [info.name for info in list_methods() if info.supports(model) and not info.needs_training]
+    if not specs:
+        name = next(iter(needs_trained_parts(model)), "NAME")
+        raise TokenSparseError(
+            f"no training-free method supports {family.name} models; give --method {name}:predictors=FILE "
+            f"(trained by 'tokensparse calibrate'), or --method {name} to time it with random predictors")
+    return specs
+
+
+def needs_trained_parts(model: nn.Module) -> list[str]:
+    """The methods that support ``model`` but need training (DynamicViT): left out of :func:`default_specs`."""
+    return [info.name for info in list_methods() if info.supports(model) and info.needs_training]
+
+
+def check_output_path(path: Path, what: str) -> Path:
+    """Before any expensive work: ``path`` is not a folder and its folder can be written (created
+    if missing); TokenSparseError naming the path otherwise."""
+    if path.is_dir():
+        raise TokenSparseError(f"cannot write {what} {str(path)!r}: it is a folder; give a file name")
+    check_writable_folder(path.parent, f"folder for the {what}")
+    return path
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -199,13 +221,23 @@ def bench_accuracy_source(
 
 def run_bench(args: argparse.Namespace, variants: dict[str, nn.Module],
               accuracy_source: tuple[Path, Path | None] | None) -> list[dict[str, Any]]:
-    """One row per variant, the unreduced model first: ``{"method": spec, **metrics}`` with the
-    keys ``method`` and :data:`tokensparse.measure.compare.METRICS` (the table and JSON rows)."""
+    """One row per variant, the unreduced model first: ``{"method": spec, **metrics,
+    "random_predictors": bool}`` with the metrics :data:`tokensparse.measure.compare.METRICS`
+    (the table and JSON rows); ``random_predictors``: :func:`~tokensparse.measure.random_predictors`."""
     images, wnids = accuracy_source if accuracy_source is not None else (None, None)
     results = measure_variants(variants, BASELINE, images, wnids, limit=args.limit,
                                batch_size=args.batch_size, threads=args.threads, device=args.device,
                                dtype=args.dtype, runs=args.runs, warmup=args.warmup)
-    return [{"method": name, **metrics} for name, metrics in results.items()]
+    return [{"method": name, **metrics, "random_predictors": random_predictors(name)}
+            for name, metrics in results.items()]
+
+
+def speedup_text(row: dict[str, Any]) -> tuple[str, str]:
+    """The speed-up cell (``1.60x``) and its range cell (``1.55-1.66``) of a bench row."""
+    if row["speedup"] is None:
+        return "-", "-"
+    low, high = row.get("speedup_low"), row.get("speedup_high")
+    return f"{row['speedup']:.2f}x", "-" if low is None or high is None else f"{low:.2f}-{high:.2f}"
 
 
 def bench_table(args: argparse.Namespace, rows: Sequence[dict[str, Any]], threads: int) -> Table:
@@ -214,29 +246,52 @@ def bench_table(args: argparse.Namespace, rows: Sequence[dict[str, Any]], thread
         title=f"{args.model} | batch {args.batch_size} | {threads} threads | {args.device} "
               f"{args.dtype} | median of {args.runs}",
         caption="GMACs = FLOPs/2 per image from a real forward pass; speed-up vs unreduced, "
-                "timed interleaved in one process; agree = % same top-1 as unreduced")
+                "timed interleaved in one process (median; range: lowest-highest of the runs, each "
+                "against the unreduced model timed in the same run); agree = % same top-1 as unreduced")
     table.add_column("method", overflow="fold")
-    for header in ("GMACs", "img/s", "speed-up", "top-1 %", "top-5 %", "agree %"):
+    for header in ("GMACs", "img/s", "speed-up", "range", "top-1 %", "top-5 %", "agree %"):
         table.add_column(header, justify="right")
     for r in rows:
-        table.add_row(r["method"], fmt(r["gmacs"], 3), fmt(r["img_per_s"], 1),
-                      "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+        label = r["method"] + (" (random predictors)" if r.get("random_predictors") else "")
+        table.add_row(label, fmt(r["gmacs"], 3), fmt(r["img_per_s"], 1), *speedup_text(r),
                       fmt(r["top1"], 1), fmt(r["top5"], 1), fmt(r["agreement"], 1))
     return table
+
+
+def spread_warning(rows: Sequence[dict[str, Any]]) -> str:
+    """A warning naming the rows whose speed-up range is wide (:func:`~tokensparse.measure.wide_spread`), or ''."""
+    wide = [r for r in rows if wide_spread(r)]
+    if not wide:
+        return ""
+    listed = ", ".join(f"{r['method']} {r['speedup_low']:.2f}-{r['speedup_high']:.2f}x" for r in wide)
+    return (f"warning: speed-ups varied by more than 10% between runs ({listed}): the machine was busy or "
+            f"changed speed while timing; close other work and run again, and compare runs before trusting them")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``tokensparse bench``."""
     console = Console()
     specs = normalise_specs(args.method) if args.method else None
+    measurement_device(args.device)  # a bad or unusable device fails before anything is loaded
+    if args.json is not None:
+        check_output_path(args.json, "JSON file")
     base = load_model(args)
     accuracy_source, note = bench_accuracy_source(args)
-    variants = build_variants(base, specs if specs is not None else default_specs(base))
-    if note:
-        console.print(note)
+    notes = [note] if note else []
+    if specs is None:
+        specs = default_specs(base)
+        notes += [f"note: {name} left out: it needs trained predictors; give --method {name}:predictors=FILE "
+                  f"(from 'tokensparse calibrate'), or --method {name} to time it with random predictors"
+                  for name in needs_trained_parts(base)]
+    variants = build_variants(base, specs)
+    for text in notes:
+        console.print(text)
     rows = run_bench(args, variants, accuracy_source)
     threads = args.threads or torch.get_num_threads()
     console.print(bench_table(args, rows, threads))
+    warning = spread_warning(rows)
+    if warning:
+        console.print(warning, markup=False)
     if args.json is not None:
         write_json(args.json, rows)
         console.print(f"wrote {args.json}")
@@ -285,10 +340,18 @@ def add_learning_args(parser: argparse.ArgumentParser, config: type[LearningConf
 
 
 def learning_setup(args: argparse.Namespace) -> nn.Module:
-    """Apply --threads and load the model (the start of train and calibrate)."""
+    """Apply --threads, check --device, load the model and check that --method can be trained on
+    it (:func:`~tokensparse.train.calibrate.method_plan`: the start of train and calibrate)."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    return load_model(args)
+    if args.device is not None:
+        resolve_device(args.device)  # e.g. --device cuda without a GPU: an error before anything is loaded
+    name = parse_spec(args.method)[0]
+    if name != "dynamicvit":
+        raise TokenSparseError(f"{args.command} supports the learned method 'dynamicvit', got {name!r}")
+    model = load_model(args)
+    method_plan(model, args.method)  # a family or option dynamicvit does not support: the same error for both
+    return model
 
 
 def learning_config(config: type[LearningConfig], args: argparse.Namespace, **options: Any) -> Any:
@@ -305,8 +368,11 @@ def training_images(args: argparse.Namespace, model: nn.Module, training: bool, 
     if args.images is None:
         raise TokenSparseError("--images DIR is required")
     wnids = find_wnids(args.images, args.wnids)
-    return image_dataset(args.images, model, wnids, training=training, split=args.split, limit=args.limit,
+    data = image_dataset(args.images, model, wnids, training=training, split=args.split, limit=args.limit,
                          labelled=labels or wnids is not None)
+    if labels:
+        check_class_count(data, model, args.model)  # more classes than the head has outputs
+    return data
 
 
 def add_train_parser(subparsers: Any) -> None:
@@ -321,7 +387,12 @@ def add_train_parser(subparsers: Any) -> None:
     add_learning_args(p, TrainConfig, device=None, device_help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="checkpoint / predictors folder")
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="FILE",
-                   help="continue from OUT/checkpoint.pt (or FILE) exactly where it stopped")
+                   help="continue from OUT/checkpoint.pt (or FILE) exactly where it stopped (a new --epochs, "
+                        "--lr, --warmup-epochs, --weight-decay or --backbone-lr-scale rebuilds the "
+                        "learning-rate schedule for them)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over even if OUT already holds a checkpoint, replacing it (without --resume "
+                        "or --overwrite, an existing checkpoint is an error)")
     p.add_argument("--backbone-lr-scale", type=float, default=TrainConfig.backbone_lr_scale,
                    help="backbone lr = lr x this (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -331,11 +402,13 @@ def add_train_parser(subparsers: Any) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Run ``tokensparse train``."""
-    model = learning_setup(args)
-    data = training_images(args, model, training=True, labels=True)
     cfg = learning_config(TrainConfig, args, backbone_lr_scale=args.backbone_lr_scale, bf16=args.bf16,
                           checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
-    finetune_dynamicvit(model, data, args.out, args.method, cfg, resume=args.resume, device=args.device)
+    cfg.validate()  # bad options fail before the model is loaded
+    model = learning_setup(args)
+    data = training_images(args, model, training=True, labels=True)
+    finetune_dynamicvit(model, data, args.out, args.method, cfg, resume=args.resume, device=args.device,
+                        overwrite=args.overwrite)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
         Console().print(f"trained on {len(data)} images; checkpoint {args.out / CHECKPOINT}, "
                         f"predictors {args.out / PREDICTORS}")
@@ -361,10 +434,12 @@ def add_calibrate_parser(subparsers: Any) -> None:
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Run ``tokensparse calibrate``."""
+    cfg = learning_config(CalibrateConfig, args, flip=not args.no_flip, imitation_epochs=args.imitation_epochs)
+    cfg.validate()  # bad options and an unwritable --out fail before the model is loaded
+    check_output_file(args.out)
     model = learning_setup(args)
     method_plan(model, args.method)  # fail fast on a bad spec or model
     data = training_images(args, model, training=False, labels=False)
-    cfg = learning_config(CalibrateConfig, args, flip=not args.no_flip, imitation_epochs=args.imitation_epochs)
     start = time.perf_counter()
     calibrate_dynamicvit(model, data, args.method, cfg, out=args.out, device=args.device)
     d = describe(model)
@@ -385,8 +460,9 @@ def add_viz_parser(subparsers: Any) -> None:
     p.add_argument("--method", action="append", required=True, metavar="SPEC",
                    help="method spec, e.g. tome:r=13 (repeatable: one row each)")
     p.add_argument("--image", type=Path, required=True, metavar="FILE", help="input image")
-    p.add_argument("--out", type=Path, default=Path("token_maps.png"), metavar="PNG",
-                   help="output PNG (default: token_maps.png)")
+    p.add_argument("--out", type=Path, default=Path("token_maps.png"), metavar="FILE",
+                   help="output image: .png, .jpg, .pdf, .svg or another format matplotlib writes "
+                        "(.png added when there is no suffix; default: token_maps.png)")
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -398,9 +474,10 @@ def cmd_viz(args: argparse.Namespace) -> int:
         raise TokenSparseError(f"image file not found: {str(args.image)!r}")
     for spec in specs:
         get_method(parse_spec(spec)[0])  # unknown method: fail before building the model
+    out = check_output_path(figure_path(args.out), "figure")  # format and folder: before any model runs
     model = load_model(args)
-    token_maps(model, specs, args.image, out=args.out)
-    Console().print(f"wrote {args.out}")
+    token_maps(model, specs, args.image, out=out)
+    Console().print(f"wrote {out}")
     return 0
 
 
@@ -430,15 +507,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     console = Console()
     if args.method:
         sweep_specs(args.method)  # unknown method: fail before building the model
+    check_writable_folder(args.out, "output folder")  # before anything is measured
+    for name in ("sweep.csv", "sweep.png"):
+        check_output_path(args.out / name, "sweep output")
     base = load_model(args)
     rows = sweep_specs(args.method, args.points, base)
     source, note = bench_accuracy_source(args)
     if note:
         console.print(note)
-    try:
-        args.out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TokenSparseError(f"cannot create {str(args.out)!r}: {exc.strerror or exc}") from None
     console.print(f"sweeping {len(rows) - 1} variants + unreduced")
     images, wnids = source if source is not None else (None, None)
     measure(rows, build_models(base, rows), images, wnids, limit=args.limit,
@@ -469,7 +545,9 @@ def build_parser() -> ArgumentParser:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+    """The error's message on one line (a DataLoader worker's error: its own message, not the
+    worker's traceback: :func:`~tokensparse.data.worker_error_message`)."""
+    text = " ".join(worker_error_message(exc).split())
     return text or type(exc).__name__
 
 

@@ -16,7 +16,8 @@ excluded. Items are ``(transform(rgb PIL image), label)``; an unreadable image r
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,20 @@ __all__ = [
     "UNLABELLED",
     "ImageNetFolder",
     "UnlabelledImages",
+    "check_class_count",
+    "check_image",
     "data_config",
+    "dataset_classes",
+    "dataset_files",
     "image_dataset",
     "image_directory",
     "is_image_file",
     "load_rgb",
     "model_transform",
     "read_wnids",
+    "scan_images",
     "split_dataset",
+    "worker_error_message",
 ]
 
 UNLABELLED = -1
@@ -73,13 +80,67 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+_IMAGE_ERRORS = (OSError, ValueError, Image.DecompressionBombError)
+
+
 def load_rgb(path: str | os.PathLike[str]) -> Image.Image:
     """The decoded RGB image at ``path``; TokenSparseError naming the file if unreadable."""
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except _IMAGE_ERRORS as exc:
         raise TokenSparseError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def check_image(path: str | os.PathLike[str]) -> None:
+    """Decode the image at ``path`` as :func:`load_rgb` does, JPEGs at 1/8 size (all their data is
+    still read, so a truncated or corrupt file fails as it would in training); TokenSparseError
+    naming the file if unreadable."""
+    try:
+        with Image.open(path) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.convert("RGB")
+    except _IMAGE_ERRORS as exc:
+        raise TokenSparseError(f"cannot read image {str(path)!r}: {exc}") from None
+
+
+def scan_images(paths: Sequence[str | os.PathLike[str]], progress: Callable[[], Any] | None = None) -> None:
+    """Check every image of ``paths`` (:func:`check_image`) before expensive work starts.
+
+    TokenSparseError naming the first unreadable file and how many others there are.
+    ``progress()`` is called after each file.
+    """
+    bad: list[str] = []
+    for path in paths:
+        try:
+            check_image(path)
+        except TokenSparseError as exc:
+            bad.append(str(exc))
+        if progress is not None:
+            progress()
+    if bad:
+        more = f" ({len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
+        raise TokenSparseError(bad[0] + more)
+
+
+def worker_error_message(exc: BaseException) -> str:
+    """The original message of an error a DataLoader worker raised (other errors: their message).
+
+    torch re-raises a worker's error in the main process with a message that holds the
+    worker's whole traceback ("Caught TokenSparseError in DataLoader worker process 0.
+    Original Traceback ... TokenSparseError: cannot read image ..."); this returns only the
+    part after the last ``TokenSparseError:`` (the error's own type name).
+    """
+    text = str(exc)
+    if "DataLoader worker process" not in text or "Original Traceback" not in text:
+        return text
+    lines = text.splitlines()
+    head = re.compile(rf"^(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ")
+    for i in range(len(lines) - 1, -1, -1):
+        match = head.match(lines[i])
+        if match:
+            return "\n".join([lines[i][match.end():], *lines[i + 1:]]).strip()
+    return next((ln.strip() for ln in reversed(lines) if ln.strip()), text)
 
 
 def read_wnids(path: str | os.PathLike[str]) -> list[str]:
@@ -213,6 +274,46 @@ class UnlabelledImages(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         img = load_rgb(self.samples[index][0])
         return (self.transform(img) if self.transform is not None else img), UNLABELLED
+
+
+def _unwrap(dataset: Dataset) -> tuple[Dataset, list[int] | None]:
+    """The dataset inside nested :class:`~torch.utils.data.Subset` s and the indices into it (None: all)."""
+    indices: list[int] | None = None
+    while isinstance(dataset, Subset):
+        outer = list(dataset.indices)
+        indices = outer if indices is None else [outer[i] for i in indices]
+        dataset = dataset.dataset
+    return dataset, indices
+
+
+def dataset_files(dataset: Dataset) -> list[Path]:
+    """The image file of every item of ``dataset`` (an :class:`ImageNetFolder` or
+    :class:`UnlabelledImages`, possibly inside Subsets: :func:`split_dataset`), in item order."""
+    base, indices = _unwrap(dataset)
+    samples = getattr(base, "samples", None)
+    if samples is None:
+        raise TokenSparseError(f"cannot list the image files of a {type(base).__name__}")
+    files = [Path(p) for p, _ in samples]
+    return files if indices is None else [files[i] for i in indices]
+
+
+def dataset_classes(dataset: Dataset) -> list[str]:
+    """The class list of ``dataset`` (possibly inside Subsets); empty when unlabelled."""
+    return list(getattr(_unwrap(dataset)[0], "classes", []))
+
+
+def check_class_count(dataset: Dataset, model: nn.Module, model_name: str = "") -> None:
+    """TokenSparseError unless every class index of ``dataset`` is an output of ``model``'s head
+    (a class list may be shorter than the head, not longer)."""
+    classes = dataset_classes(dataset)
+    outputs = getattr(model, "num_classes", None)
+    if isinstance(outputs, int) and outputs > 0 and len(classes) > outputs:
+        base = _unwrap(dataset)[0]
+        source = getattr(base, "wnids_file", None) or getattr(base, "root", "the image folder")
+        label = f"model {model_name!r}" if model_name else "the model"
+        raise TokenSparseError(
+            f"the class list {str(source)!r} has {len(classes)} classes but the head of {label} has "
+            f"{outputs} outputs; give a class list with at most {outputs} entries (line i = class i)")
 
 
 def split_dataset(dataset: Dataset, split: str = "all", limit: int | None = None) -> Dataset:

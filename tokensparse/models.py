@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import os
+import re
+import socket
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file
 from torch import nn
 
@@ -16,19 +23,26 @@ from .errors import TokenSparseError
 
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _MAX_LISTED = 5
+HUB_PROBE_TIMEOUT = 3.0
+"""Seconds :func:`hub_unreachable` waits for a connection before calling a hub unreachable."""
+_HUB_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+_TRUE = {"1", "ON", "YES", "TRUE"}
 
 
 def suggest_models(name: str, n: int = _MAX_LISTED) -> list[str]:
-    """Names of timm architectures (or pretrained tags) close to ``name``."""
+    """Names of timm architectures (or pretrained tags) close to ``name``: those that start with
+    it (shortest first, so ``vit_tiny`` suggests ``vit_tiny_patch16_224``), then similar ones."""
     arch, _, _ = name.partition(".")
     candidates = timm.list_models()
     if "." in name:
         candidates = timm.list_pretrained(f"{arch}.*") or candidates
-    close = difflib.get_close_matches(name, candidates, n=n, cutoff=0.6)
-    if len(close) < n:
+    prefix = "" if "*" in name else name
+    ranked = sorted((c for c in candidates if prefix and c.startswith(prefix)), key=lambda c: (len(c), c))
+    ranked += [c for c in difflib.get_close_matches(name, candidates, n=n, cutoff=0.6) if c not in ranked]
+    if len(ranked) < n:
         pattern = f"*{arch}*" if "*" not in arch else arch
-        close += [c for c in fnmatch.filter(candidates, pattern) if c not in close]
-    return close[:n]
+        ranked += [c for c in fnmatch.filter(candidates, pattern) if c not in ranked]
+    return ranked[:n]
 
 
 def _unknown_model(name: str, detail: str = "") -> TokenSparseError:
@@ -140,8 +154,31 @@ def load_weights(model: nn.Module, weights: str | Path, model_name: str = "model
     except RuntimeError as exc:
         raise TokenSparseError(
             f"weights file {str(path)!r} does not fit model {model_name!r}: "
-            f"{_first_line(exc)}") from None
+            f"{describe_load_error(exc)}") from None
     return model
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line from a ``load_state_dict`` error, naming the keys (at most 5 per kind).
+
+    torch puts the missing / unexpected keys and size mismatches on the lines after its
+    first ("Error(s) in loading state_dict for X:"); those lines are kept, each key list
+    shortened, so the message never stops before naming them.
+    """
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    details = [_shorten_keys(ln) for ln in lines[1:]] if lines[0].startswith("Error(s) in loading") else []
+    return "; ".join(details) if details else " ".join(lines)
+
+
+def _shorten_keys(line: str) -> str:
+    """``Missing key(s) in state_dict: "a", "b", ...`` with at most :data:`_MAX_LISTED` keys named."""
+    head, sep, rest = line.partition(": ")
+    keys = re.findall(r'"([^"]*)"', rest) if sep else []
+    if not keys:
+        return line.rstrip(". ")
+    return f"{head} ({len(keys)}): {_short_list(keys)}"
 
 
 def create_model(name: str, weights: str | Path | None = None, pretrained: bool = False,
@@ -149,13 +186,16 @@ def create_model(name: str, weights: str | Path | None = None, pretrained: bool 
     """Create the timm model ``name`` in eval mode.
 
     ``weights``: a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file loaded with
-    ``strict=True``. ``pretrained``: timm's own download (needs a reachable model hub);
-    giving both is an error. The model keeps timm's pretrained config for
+    ``strict=True``. ``pretrained``: timm's own download (needs a reachable model hub, or the
+    weights in the local cache; when neither holds it fails within seconds, see
+    :func:`check_pretrained_reachable`); giving both is an error. The model keeps timm's pretrained config for
     ``name``, so ``timm.data.resolve_data_config({}, model=model)`` gives its preprocessing.
     """
     _check_name(name)
     if weights is not None and pretrained:
         raise TokenSparseError("give either a weights file or pretrained=True, not both")
+    if pretrained:
+        check_pretrained_reachable(name, kwargs)
     try:
         model = timm.create_model(name, pretrained=pretrained and weights is None, **kwargs)
     except TypeError as exc:
@@ -169,3 +209,68 @@ def create_model(name: str, weights: str | Path | None = None, pretrained: bool 
     if weights is not None:
         load_weights(model, weights, name)
     return model.eval()
+
+
+def _offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` is set (now, or when huggingface_hub was imported)."""
+    return bool(hub_constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE
+
+
+def pretrained_download_url(name: str, kwargs: Mapping[str, Any] | None = None) -> str | None:
+    """Where timm would download ``name``'s pretrained weights from, or None when nothing needs
+    downloading (a local file or state dict in the pretrained config, weights already in the
+    Hugging Face or torch hub cache, or no pretrained source at all)."""
+    kwargs = kwargs or {}
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if overlay.get("file") or overlay.get("state_dict") is not None or kwargs.get("pretrained_cfg") is not None:
+        return None
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None or cfg.file or cfg.state_dict is not None:
+        return None
+    if cfg.hf_hub_id:
+        repo, _, revision = cfg.hf_hub_id.partition("@")
+        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else _HUB_FILES
+        if any(isinstance(try_to_load_from_cache(repo, f, cache_dir=hub_constants.HF_HUB_CACHE,
+                                                 revision=revision or None), str) for f in files):
+            return None
+        return f"{hub_constants.ENDPOINT.rstrip('/')}/{repo}"
+    if cfg.url:
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(cfg.url).path).name
+        return None if cached.is_file() else cfg.url
+    return None
+
+
+def hub_unreachable(url: str, timeout: float = HUB_PROBE_TIMEOUT) -> str | None:
+    """Why ``url``'s host cannot be reached, or None if it can.
+
+    One TCP connection attempt of at most ``timeout`` seconds, to the host or to the proxy the
+    environment names for it (``HTTPS_PROXY`` ...), instead of the download's minute of retries.
+    """
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        p = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = p.hostname or "", p.port or 80
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as exc:
+        return f"{host}:{port}: {exc.strerror or exc}"
+
+
+def check_pretrained_reachable(name: str, kwargs: Mapping[str, Any] | None = None) -> None:
+    """TokenSparseError within seconds when ``name``'s pretrained weights are neither cached
+    nor downloadable: ``HF_HUB_OFFLINE`` is set, or the hub does not answer a quick probe
+    (:func:`hub_unreachable`)."""
+    url = pretrained_download_url(name, kwargs)
+    if url is None:
+        return
+    hint = "pass a local weights file instead (--weights FILE, or create_model(name, weights=FILE))"
+    if _offline() and url.startswith(hub_constants.ENDPOINT.rstrip("/")):
+        raise TokenSparseError(f"pretrained weights for {name!r} are not in the local Hugging Face cache and "
+                               f"HF_HUB_OFFLINE is set; {hint}")
+    reason = hub_unreachable(url)
+    if reason is not None:
+        raise TokenSparseError(f"cannot download pretrained weights for {name!r}: {url} is unreachable "
+                               f"({reason}); {hint}")

@@ -1,7 +1,9 @@
 """Method spec strings: ``"NAME:key=value,key=value"``.
 
 Values may be numbers, ``true``/``false``, ``none``, bracketed lists (``[3,6,9]``) or bare
-strings. The same strings are accepted by :func:`tokensparse.patch` and by the CLI.
+strings. A value in double or single quotes is a string taken as written, commas and
+brackets included (``dynamicvit:predictors="runs/a,b.safetensors"``). Each key may be given
+once. The same strings are accepted by :func:`tokensparse.patch` and by the CLI.
 """
 from __future__ import annotations
 
@@ -9,31 +11,48 @@ from typing import Any
 
 from .errors import TokenSparseError
 
+QUOTES = "\"'"
+
 
 def _split_top_level(text: str, sep: str = ",") -> list[str]:
-    """Split on ``sep`` outside brackets."""
-    parts, depth, cur = [], 0, []
+    """Split on ``sep`` outside brackets and quotes (a quote opens only at the start of a value)."""
+    parts, depth, cur, quote, prev = [], 0, [], "", ""
     for ch in text:
-        if ch == "[":
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in QUOTES and prev in ("", "=", "[", sep):
+            quote = ch
+        elif ch == "[":
             depth += 1
         elif ch == "]":
             depth -= 1
             if depth < 0:
                 raise TokenSparseError(f"unbalanced ']' in {text!r}")
-        if ch == sep and depth == 0:
+        if ch == sep and depth == 0 and not quote:
             parts.append("".join(cur))
             cur = []
         else:
             cur.append(ch)
+        if not ch.isspace():
+            prev = ch
+    if quote:
+        raise TokenSparseError(f"unclosed quote {quote} in {text!r}")
     if depth != 0:
         raise TokenSparseError(f"unbalanced '[' in {text!r}")
     parts.append("".join(cur))
     return parts
 
 
+def _is_quoted(text: str) -> bool:
+    return len(text) >= 2 and text[0] in QUOTES and text[-1] == text[0]
+
+
 def parse_value(text: str) -> Any:
-    """Parse one option value: number, bool, none, list or string."""
+    """Parse one option value: quoted string, number, bool, none, list or bare string."""
     t = text.strip()
+    if _is_quoted(t):
+        return t[1:-1]
     if t.startswith("[") and t.endswith("]"):
         inner = t[1:-1].strip()
         return [parse_value(p) for p in _split_top_level(inner)] if inner else []
@@ -49,13 +68,14 @@ def parse_value(text: str) -> Any:
             return conv(t)
         except ValueError:
             pass
-    if (t.startswith('"') and t.endswith('"')) or (t.startswith("'") and t.endswith("'")):
-        return t[1:-1]
     return t
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """Split ``"NAME:key=value,..."`` into the method name and its options."""
+    """Split ``"NAME:key=value,..."`` into the method name and its options.
+
+    A key given twice is an error (``tome:r=4,r=8``).
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise TokenSparseError(f"method spec must be a non-empty string, got {spec!r}")
     name, _, rest = spec.strip().partition(":")
@@ -68,17 +88,34 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
             if not eq or not key.strip():
                 raise TokenSparseError(
                     f"bad option {item!r} in method spec {spec!r}: expected key=value")
+            if key.strip() in options:
+                raise TokenSparseError(
+                    f"option {key.strip()!r} is given twice in method spec {spec!r}; give each option once")
             options[key.strip()] = parse_value(value)
     return name.strip().lower(), options
 
 
+def _format_string(v: str) -> str:
+    """``v`` as written, or quoted when it would not read back as the same string."""
+    plain = v and not any(c in v for c in ",[]" + QUOTES) and v == v.strip() and parse_value(v) == v
+    if plain:
+        return v
+    quote = next((q for q in QUOTES if q not in v), None)
+    if quote is None:
+        raise TokenSparseError(f"option value {v!r} holds both kinds of quotes and cannot be written in a spec string")
+    return f"{quote}{v}{quote}"
+
+
 def format_spec(name: str, options: dict[str, Any]) -> str:
-    """Inverse of :func:`parse_spec` (for tables and file names)."""
+    """Inverse of :func:`parse_spec` (for tables and file names); strings that would not read
+    back as written (commas, brackets, quotes, or text that looks like a number) are quoted."""
     def fmt(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
         if isinstance(v, (list, tuple)):
             return "[" + ",".join(fmt(x) for x in v) + "]"
+        if isinstance(v, str):
+            return _format_string(v)
         return str(v)
     if not options:
         return name

@@ -142,6 +142,12 @@ class TokenState:
         self.patch_to_token = padded.gather(1, src)
         self.size = size
 
+    def token_map(self) -> Tensor:
+        """``(B, N0)``: the index, in the current sequence, of the token holding each original
+        patch (-1: none does). The recorded ``patch_to_token``; methods whose sequence differs
+        from their records (Evo-ViT inside a stage) override it."""
+        return self.patch_to_token
+
     def record(self, block: int, x: Tensor, **extra: Any) -> None:
         """Store a :class:`LocationInfo` for ``block`` (after its reduction)."""
         size = self.sizes(x)

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .errors import TokenSparseError
-from .measure import BASELINE, build_variants, measure_variants
+from .measure import BASELINE, build_variants, measure_variants, random_predictors
 from .methods import REGISTRY, get_method
 from .spec import format_spec, parse_spec
 from .utils import atomic_write
@@ -65,7 +65,8 @@ def sweep_specs(methods: Sequence[str] | None = None, points: int | None = None,
     ``methods``: names from :data:`GRIDS`, or specs ``NAME:key=value,...`` whose options stay
     fixed while the knob is swept (e.g. ``dynamicvit:predictors=FILE``). Default: every
     method in :data:`GRIDS` that supports ``model`` and works without training. An unknown
-    or unswept name is an error.
+    or unswept name is an error, and so is a method that needs training given without its
+    trained parts (``dynamicvit`` without ``predictors=FILE``).
     """
     if methods is None:
         chosen = [(n, {}) for n in GRIDS if n in REGISTRY and not get_method(n).needs_training
@@ -83,6 +84,11 @@ def sweep_specs(methods: Sequence[str] | None = None, points: int | None = None,
                 raise TokenSparseError(f"no sweep grid for method {name!r}; swept: {', '.join(GRIDS)}")
             if GRIDS[name][0] in fixed:
                 raise TokenSparseError(f"{text!r} fixes {GRIDS[name][0]!r}, the option the sweep varies")
+            if random_predictors(format_spec(name, fixed)):
+                raise TokenSparseError(
+                    f"method {name!r} needs trained predictors to be swept (random ones give meaningless "
+                    f"accuracy): pass --method '{name}:predictors=FILE' with a file from 'tokensparse calibrate' "
+                    f"or 'tokensparse train'")
             chosen.append((name, fixed))
     rows = [SweepRow(BASELINE, BASELINE)]
     for name, fixed in chosen:
@@ -104,9 +110,11 @@ def measure(rows: Sequence[SweepRow], models: dict[str, nn.Module],
     (:func:`tokensparse.measure.measure_variants`, the unreduced row as the baseline)."""
     results = measure_variants(models, BASELINE, images, wnids, limit=limit, batch_size=batch_size,
                                threads=threads, runs=runs, warmup=warmup, progress=progress)
+    columns = {f.name for f in fields(SweepRow)}
     for row in rows:
         for key, value in results[row.spec].items():
-            setattr(row, key, value)
+            if key in columns:
+                setattr(row, key, value)
     return list(rows)
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -17,7 +18,18 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .errors import TokenSparseError
 
-__all__ = ["Advance", "atomic_write", "positive_int", "progress_bar", "resolve_device"]
+__all__ = ["Advance", "atomic_write", "check_writable_folder", "positive_int", "progress_bar",
+           "remove_stale_temp_files", "resolve_device"]
+
+
+def _temp_name(name: str) -> str:
+    """The name :func:`atomic_write` gives its temporary file for a target named ``name``."""
+    return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
+def _temp_pattern(name: str) -> re.Pattern[str]:
+    """Matches exactly the temporary names :func:`_temp_name` makes for ``name``."""
+    return re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp")
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], *,
@@ -36,7 +48,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], 
     ``atomic_write(p, lambda f: json.dump(data, f), text=True)``.
     """
     target = Path(path)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = target.with_name(_temp_name(target.name))
     created = False
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -57,6 +69,51 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], 
             with contextlib.suppress(OSError):
                 tmp.unlink()
     return target
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` left in ``folder`` for targets named ``names``.
+
+    A process killed while writing leaves ``.<name>.<12 hex digits>.tmp`` behind (the target
+    itself is untouched). Only files of exactly that pattern are removed, nothing else; call
+    it when no write to those targets is in progress. Returns the removed paths (a missing
+    folder or a file that cannot be removed is skipped).
+    """
+    patterns = [_temp_pattern(n) for n in names]
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in sorted(Path(folder).iterdir()):
+            if any(p.fullmatch(entry.name) for p in patterns) and entry.is_file() and not entry.is_symlink():
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
+
+
+def check_writable_folder(folder: str | os.PathLike[str], what: str = "output folder") -> Path:
+    """Create ``folder`` (and its parents) if missing and check a file can be written in it.
+
+    The check writes and removes a probe file (``.tokensparse-probe.<hex>.tmp``), so it holds
+    for the files :func:`atomic_write` will put there. TokenSparseError
+    ``"cannot write <what> 'folder': reason"`` if the folder is a file, cannot be created or
+    is not writable. Returns the folder as a :class:`~pathlib.Path`.
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise TokenSparseError(f"cannot write {what} {str(path)!r}: it is a file, not a folder")
+    probe = path / f".tokensparse-probe.{uuid.uuid4().hex[:12]}.tmp"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TokenSparseError(f"cannot write {what} {str(path)!r}: it cannot be created "
+                               f"({exc.strerror or exc})") from None
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as exc:
+        raise TokenSparseError(f"cannot write {what} {str(path)!r}: no file can be created in it "
+                               f"({exc.strerror or exc})") from None
+    return path
 
 
 class Advance(Protocol):

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -247,12 +248,33 @@ def draw_maps(picture: np.ndarray, maps: dict[str, list[tuple[str, np.ndarray]]]
     return fig
 
 
+def figure_formats() -> list[str]:
+    """File suffixes (without the dot) a figure can be saved as: matplotlib's formats, except
+    ``pgf`` (it needs a LaTeX installation)."""
+    return sorted(f for f in FigureCanvasBase.get_supported_filetypes() if f != "pgf")
+
+
+def figure_path(out: str | Path) -> Path:
+    """The file :func:`save_figure` writes for ``out``: ``out`` itself, or ``out.png`` when it has
+    no suffix (as matplotlib). TokenSparseError naming the suffix and the allowed ones when
+    matplotlib cannot write that format (``maps.txt``)."""
+    path = Path(out)
+    if not path.suffix:
+        path = path.with_name(path.name + ".png")
+    formats = figure_formats()
+    if path.suffix[1:].lower() not in formats:
+        raise TokenSparseError(f"cannot save a figure as {str(out)!r}: {path.suffix!r} is not an image format "
+                               f"matplotlib writes; use one of {', '.join('.' + f for f in formats)}")
+    return path
+
+
 def save_figure(fig: Any, out: str | Path, dpi: int = DPI) -> Path:
-    """Write ``fig`` atomically, in the format its suffix names (PNG without one);
-    TokenSparseError if the file cannot be written."""
-    out = Path(out)
-    fmt = out.suffix[1:].lower() or "png"
-    return atomic_write(out, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
+    """Write ``fig`` atomically to :func:`figure_path` ``(out)``, in the format its suffix names
+    (PNG without one); returns the path written. TokenSparseError for a format matplotlib does
+    not write or a file that cannot be written."""
+    path = figure_path(out)
+    fmt = path.suffix[1:].lower()
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
 
 
 def token_maps(model: str | nn.Module, methods: Sequence[str], image: str | Path,
@@ -265,9 +287,12 @@ def token_maps(model: str | nn.Module, methods: Sequence[str], image: str | Path
             an unpatched model (it is copied, never modified).
         methods: method specs, e.g. ``["tome:r=13", "evit"]``.
         image: image file, preprocessed with the model's timm data config.
-        out: PNG path to write, or None.
+        out: image file to write (PNG, or another format :func:`figure_formats` names by
+            its suffix; ``out.png`` when it has none), or None.
         weights: weights file for a model given by name.
     """
+    if out is not None:
+        figure_path(out)  # an unsupported format fails before any model runs
     name = model if isinstance(model, str) else model_name(model)
     picture, maps = compute_maps(model, methods, image, weights)
     fig = draw_maps(picture, maps, title=f"{name} | {Path(image).name}")

@@ -4,6 +4,10 @@
 class implementing :class:`Family` (a :class:`TokenFamily` or a
 :class:`~tokensparse.families.routed.RoutedFamily` subclass) and listing it in
 :data:`FAMILIES`; see ``docs/architecture.md``.
+
+Hugging Face ``transformers`` families are declared in ``hf.py`` (no transformers import)
+and implemented in ``hf_*.py``, which :func:`get_family` imports only for a transformers
+model: ``import tokensparse`` does not import transformers.
 """
 from __future__ import annotations
 
@@ -27,17 +31,25 @@ from .base import (
     swap_class,
 )
 from .convnext import ConvNeXtFamily
+from .hf import HF_FAMILIES, HFFamily, hf_family, is_transformers_model
 from .levit import LevitFamily
 from .routed import Route, RoutedFamily
 from .swin import SwinFamily
 from .vit import ViTFamily
 
-FAMILIES: tuple[type, ...] = (ViTFamily, ConvNeXtFamily, SwinFamily, LevitFamily)
-"""Every supported family, in the order :func:`get_family` tries them."""
+FAMILIES: tuple[type, ...] = (ViTFamily, ConvNeXtFamily, SwinFamily, LevitFamily, *HF_FAMILIES)
+"""Every supported family, in the order :func:`get_family` tries them (the transformers families
+as their declarations, whose implementing modules load on first use)."""
 
 
 def get_family(model: nn.Module) -> TokenFamily | RoutedFamily:
-    """The :class:`Family` of ``model`` (bound to it), or a clear error naming the supported ones."""
+    """The :class:`Family` of ``model`` (bound to it), or a clear error naming the supported ones.
+
+    A model whose class comes from ``transformers`` gets its family from the matching
+    ``hf_*.py`` module, imported here on first use (:func:`~tokensparse.families.hf.hf_family`).
+    """
+    if is_transformers_model(model):
+        return hf_family(model)
     for family in FAMILIES:
         if family.matches(model):
             return family(model)
@@ -53,6 +65,7 @@ __all__ = [
     "BlockHook",
     "ConvNeXtFamily",
     "Family",
+    "HFFamily",
     "LevitFamily",
     "Route",
     "RoutedFamily",

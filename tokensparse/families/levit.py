@@ -42,6 +42,7 @@ from ..errors import TokenSparseError
 from ..ops import class_attention, gather_bias, pad_bias
 from ..state import TokenState
 from .base import HOOK, AttentionExtras, BlockHook, TokenFamily, attach, swap_class
+from .vit import checkpointing_error
 
 CLS_TOKEN = "ts_cls_token"
 
@@ -181,6 +182,8 @@ class TokenLevit(Levit):
     """
 
     def forward_features(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing:
+            raise checkpointing_error(self)
         state: TokenState = self.__dict__["_ts"].state
         x = stem_tokens(self, x)
         expected = stage_grid(self.stages[0])
@@ -195,6 +198,12 @@ class TokenLevit(Levit):
         for stage in self.stages:
             x = stage(x)
         return x
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Refused while patched (:func:`~tokensparse.families.vit.checkpointing_error`); disabling is allowed."""
+        if enable:
+            raise checkpointing_error(self)
+        super().set_grad_checkpointing(False)
 
     def forward(self, x: Tensor) -> Any:
         try:

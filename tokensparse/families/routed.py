@@ -23,6 +23,7 @@ from ..errors import TokenSparseError
 from ..ops import route_tokens
 from ..state import LocationInfo, TokenState
 from .base import attach, ensure_slot, swap_class
+from .vit import checkpointing_error
 
 ROUTED_STAGE = 2
 """Index of the routed stage: the third, which holds most of a hierarchical model's blocks."""
@@ -82,8 +83,7 @@ class RoutedStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if getattr(self, "grad_checkpointing", False):
-            raise TokenSparseError("disable gradient checkpointing (model.set_grad_checkpointing(False)) "
-                                   "before using a patched stage")
+            raise checkpointing_error(self)
         return self.forward_blocks(self.downsample(x))
 
     def forward_blocks(self, x: Tensor, start: int = 0) -> Tensor:
@@ -104,7 +104,14 @@ class RoutedStage(nn.Module):
 
 
 class FeatureRecorder(nn.Module):
-    """Mixin for a full model: keeps its final feature map as tokens for the training losses."""
+    """Mixin for a full model: keeps its final feature map as tokens for the training losses,
+    and refuses gradient checkpointing while patched."""
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Refused while patched (:func:`~tokensparse.families.vit.checkpointing_error`); disabling is allowed."""
+        if enable:
+            raise checkpointing_error(self)
+        super().set_grad_checkpointing(False)
 
     def forward_features(self, x: Tensor) -> Tensor:
         out = super().forward_features(x)

@@ -10,9 +10,11 @@ Weights and submodules stay timm's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
+import torch
 import torch.nn.functional as F
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -106,32 +108,126 @@ def pool_tokens(x: Tensor, state: TokenState, num_prefix: int) -> Tensor | None:
     return None
 
 
+def embed_tokens(model: VisionTransformer, x: Tensor) -> Tensor:
+    """The tokens entering block 0: patch and position embedding, patch dropout, pre-norm."""
+    return model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+
+
+def unmerge(full: Tensor, x: Tensor, token_map: Tensor, num_prefix: int) -> Tensor:
+    """Patch map ``(B, N0, C)``: each position takes the feature of the token ``token_map``
+    ``(B, N0)`` says holds it (merged tokens broadcast back to every patch they hold); a position
+    no token holds (-1: dropped) keeps its value in ``full``."""
+    held = token_map >= 0
+    gathered = x.gather(1, token_map.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.where(held.unsqueeze(-1), gathered, full)
+
+
+def checkpointing_error(model: nn.Module) -> TokenSparseError:
+    """The error for gradient checkpointing on a patched model: it recomputes blocks in the
+    backward pass, and a method's blocks change the tokens and the pass's records, so the
+    recomputation would not match (torch's CheckpointError, an IndexError, or silent errors)."""
+    s = slot(model)
+    method = None if s is None else s.config.get("method")
+    name = f"'{method.name}'" if method is not None else "a tokensparse method"
+    return TokenSparseError(
+        f"gradient checkpointing cannot be used on a model patched with {name}: the recomputed blocks "
+        f"would not see the tokens the method kept; call model.set_grad_checkpointing(False), or "
+        f"tokensparse.unpatch(model) before enabling it")
+
+
 class TokenVisionTransformer(VisionTransformer):
-    """timm ``VisionTransformer`` that starts and ends the pass's bookkeeping and pools by token weight."""
+    """timm ``VisionTransformer`` that starts and ends the pass's bookkeeping, pools by token weight
+    and returns full-grid intermediate features however many tokens remain."""
 
     def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        """timm's; with ``TokenState.pool == "mean"`` the tokens before the final norm (the head
+        normalises their mean: ``head(norm(mean(tokens)))``, as Evo-ViT's authors and timm's
+        ``fc_norm`` average pooling)."""
+        if self.grad_checkpointing:
+            raise checkpointing_error(self)
         state: TokenState = self.__dict__["_ts"].state
         state.finish()
         try:
-            out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
+            if state.pool == "mean":
+                if attn_mask is not None or is_causal:
+                    raise TokenSparseError("token reduction does not support attention masks or causal attention")
+                out = self.blocks(embed_tokens(self, x))
+            else:
+                out = super().forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         finally:
             state.finish()
         if state.keep_features:
             state.features = out
         return out
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Refused while patched (:func:`checkpointing_error`); disabling is allowed."""
+        if enable:
+            raise checkpointing_error(self)
+        super().set_grad_checkpointing(False)
+
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-        """``state.pool == "mean"``: mean of the patch tokens; average pooling weighted by token
-        size (or the training keep mask); every other pool is timm's."""
+        """``state.pool == "mean"``: the final norm of the mean of the patch tokens; average pooling
+        weighted by token size (or the training keep mask); every other pool is timm's."""
         state: TokenState = self.__dict__["_ts"].state
         if state.pool == "mean":
-            return x[:, self.num_prefix_tokens:].mean(dim=1)
+            return self.norm(x[:, self.num_prefix_tokens:].mean(dim=1))
         pool_type = self.global_pool if pool_type is None else pool_type
         if self.attn_pool is None and pool_type == "avg" and not self.pool_include_prefix:
             pooled = pool_tokens(x, state, self.num_prefix_tokens)
             if pooled is not None:
                 return pooled
         return super().pool(x, pool_type)
+
+    def forward_intermediates(
+            self, x: Tensor, indices: int | list[int] | None = None, return_prefix_tokens: bool = False,
+            norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+            output_dict: bool = False, attn_mask: Tensor | None = None, is_causal: bool = False) -> Any:
+        """timm's ``forward_intermediates`` (same arguments and outputs) on the full patch grid.
+
+        After each block every patch position gets the feature of the token that holds it:
+        merged tokens are broadcast back to every patch they hold (as ToMe's unmerge), and a
+        position whose token was dropped keeps the last feature it had before (Evo-ViT's
+        placeholders: their value at the stage start, until the stage restores them). The
+        final features (the first output) are the reduced tokens, as ``forward_features``. With
+        nothing reduced the intermediates equal timm's.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise TokenSparseError(f"output_fmt must be NCHW or NLC, got {output_fmt!r}")
+        if attn_mask is not None or is_causal:
+            raise TokenSparseError("token reduction does not support attention masks or causal attention")
+        take, max_index = feature_take_indices(len(self.blocks), indices)
+        state: TokenState = self.__dict__["_ts"].state
+        P = self.num_prefix_tokens
+        B, _, height, width = x.shape
+        state.finish()
+        try:
+            x = embed_tokens(self, x)
+            full = x[:, P:]
+            intermediates, prefixes = [], []
+            for i, blk in enumerate(self.blocks[:max_index + 1] if stop_early else self.blocks):
+                x = blk(x)
+                full = unmerge(full, x, state.token_map(), P)
+                if i in take:
+                    y = torch.cat([x[:, :P], full], dim=1)
+                    y = self.norm(y) if norm else y
+                    prefixes.append(y[:, :P])
+                    intermediates.append(y[:, P:])
+        finally:
+            state.finish()
+        if output_fmt == "NCHW":
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if output_dict:
+            out: dict[str, Any] = {"image_intermediates": intermediates}
+            if P and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefixes
+            if not intermediates_only:
+                out["image_features"] = self.norm(x)
+            return out
+        if P and return_prefix_tokens:
+            intermediates = list(zip(intermediates, prefixes))
+        return intermediates if intermediates_only else (self.norm(x), intermediates)
 
 
 class ViTFamily(TokenFamily):
@@ -180,9 +276,8 @@ class ViTFamily(TokenFamily):
                 attach(blk, HOOK, hooks[i])
 
     def run_to(self, x: Tensor, start: int) -> Tensor:
-        m = self.model
-        x = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
-        for blk in m.blocks[:start]:
+        x = embed_tokens(self.model, x)
+        for blk in self.model.blocks[:start]:
             x = blk(x)
         return x
 
@@ -220,5 +315,6 @@ __all__ = [
     "ViTFamily",
     "attention_extras",
     "block_hook",
+    "checkpointing_error",
     "pool_tokens",
 ]

@@ -12,10 +12,10 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import ImageNetFolder, data_config, split_dataset
+from ..data import ImageNetFolder, data_config, dataset_files, split_dataset, worker_error_message
 from ..errors import TokenSparseError
-from ..utils import positive_int, progress_bar, resolve_device
-from ._common import eval_mode
+from ..utils import positive_int, progress_bar
+from ._common import eval_mode, measurement_device
 
 
 @dataclass(frozen=True)
@@ -33,14 +33,6 @@ def _config_key(model: nn.Module) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()))
 
 
-def _worker_message(exc: TokenSparseError) -> str:
-    """The original message of an error re-raised from a DataLoader worker."""
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    if len(lines) <= 1:
-        return str(exc)
-    return lines[-1].split("TokenSparseError: ", 1)[-1]
-
-
 @dataclass
 class _Predictions:
     topk: dict[str, torch.Tensor]  # name -> (n, k) class indices, best first
@@ -52,8 +44,9 @@ def _predict_many(models: Mapping[str, nn.Module], images_dir: str | Path,
                   device: str | torch.device, limit: int | None,
                   progress: bool) -> _Predictions:
     """Top-5 predictions of every model in one pass over the images."""
-    dev = resolve_device(device)
+    dev = measurement_device(device)
     unique: dict[int, nn.Module] = {id(m): m for m in models.values()}
+    names = {mid: [n for n, m in models.items() if id(m) == mid] for mid in unique}
     keys = {mid: _config_key(m) for mid, m in unique.items()}
     groups = list(dict.fromkeys(keys.values()))
     transform = _MultiTransform(tuple(
@@ -65,6 +58,7 @@ def _predict_many(models: Mapping[str, nn.Module], images_dir: str | Path,
     targets: list[torch.Tensor] = []
     for m in unique.values():
         m.to(dev)
+    done = 0
     try:
         with eval_mode(*unique.values()), torch.inference_mode(), \
                 progress_bar("accuracy", len(data), progress) as advance:
@@ -72,13 +66,29 @@ def _predict_many(models: Mapping[str, nn.Module], images_dir: str | Path,
                 for mid, m in unique.items():
                     logits = m(inputs[groups.index(keys[mid])].to(dev))
                     _check_classes(logits, len(dataset.classes), dataset.root)
+                    _check_finite(logits, names[mid], data, done)
                     topk[mid].append(logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu())
                 targets.append(target)
+                done += len(target)
                 advance(len(target))
     except TokenSparseError as exc:
-        raise TokenSparseError(_worker_message(exc)) from None
+        raise TokenSparseError(worker_error_message(exc)) from None
     return _Predictions({n: torch.cat(topk[id(m)]) for n, m in models.items()},
                         torch.cat(targets))
+
+
+def _check_finite(logits: torch.Tensor, names: list[str], data: Any, offset: int) -> None:
+    """TokenSparseError naming the model and the image when ``logits`` hold NaN or inf (they
+    would otherwise count as predictions: all-NaN logits agree with each other everywhere)."""
+    finite = torch.isfinite(logits).all(dim=-1)
+    if bool(finite.all()):
+        return
+    row = int((~finite).nonzero()[0, 0])
+    image = dataset_files(data)[offset + row]
+    raise TokenSparseError(
+        f"model {' / '.join(map(repr, names))} gives NaN or inf logits for image {str(image)!r} "
+        f"({int((~finite).sum())} of the {finite.numel()} images in its batch): its weights or learned parts "
+        f"(e.g. predictors) hold NaN/inf or its computation overflows; no accuracy can be reported")
 
 
 def _check_classes(logits: torch.Tensor, n_classes: int, root: Path) -> None:

@@ -13,17 +13,40 @@ import torch
 from torch import nn
 
 from ..api import patch
+from ..data import ImageNetFolder, dataset_files, scan_images, split_dataset
 from ..errors import TokenSparseError
+from ..methods import get_method
+from ..spec import parse_spec
 from ..utils import progress_bar
+from ._common import check_finite_parameters, measurement_device
 from .accuracy import evaluate_many
 from .flops import gmacs
-from .speed import compare_throughput
+from .speed import speedup_range, throughput, timed_runs
 
 BASELINE = "none"
 """The name of the unreduced model among the variants (``--method none``)."""
 
-METRICS = ("gmacs", "img_per_s", "speedup", "top1", "top5", "agreement")
+METRICS = ("gmacs", "img_per_s", "speedup", "top1", "top5", "agreement", "speedup_low", "speedup_high")
 """The keys of every entry :func:`measure_variants` returns."""
+
+WIDE_SPREAD = 0.10
+"""A speed-up whose range across rounds is wider than this share of it is flagged (:func:`wide_spread`)."""
+
+
+def random_predictors(spec: str) -> bool:
+    """True when ``spec`` names a method whose learned parts must be trained (DynamicViT)
+    without trained ones (no ``predictors=FILE``): they are random, so its accuracy means
+    nothing (its speed is still that of the trained method)."""
+    name, options = parse_spec(spec)
+    if name == BASELINE:
+        return False
+    return get_method(name).needs_training and options.get("predictors") is None
+
+
+def wide_spread(metrics: Mapping[str, float | None], limit: float = WIDE_SPREAD) -> bool:
+    """Whether a :func:`measure_variants` entry's speed-up range is wider than ``limit`` x its speed-up."""
+    low, high, mid = metrics.get("speedup_low"), metrics.get("speedup_high"), metrics.get("speedup")
+    return None not in (low, high, mid) and (high - low) > limit * mid
 
 
 def build_variants(base: nn.Module, specs: Sequence[str]) -> dict[str, nn.Module]:
@@ -42,27 +65,41 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
                      warmup: int = 2, progress: bool = True) -> dict[str, dict[str, float | None]]:
     """Measure every model against ``models[baseline_key]`` (typically the unreduced model).
 
-    Returns ``{name: {"gmacs", "img_per_s", "speedup", "top1", "top5", "agreement"}}`` in the
-    order of ``models``: GMACs per image from a real forward pass (:func:`gmacs`), images per
-    second timed interleaved in one process (:func:`compare_throughput`, median of ``runs``
-    after ``warmup``; ``speedup`` relative to the baseline), and with ``images`` top-1, top-5
-    and agreement with the baseline in one pass over the folder (:func:`evaluate_many`, first
-    ``limit`` images); without ``images`` the accuracy values are None. Models are moved to
-    ``device``; their train/eval mode is restored.
+    Returns ``{name: {"gmacs", "img_per_s", "speedup", "top1", "top5", "agreement",
+    "speedup_low", "speedup_high"}}`` in the order of ``models``: GMACs per image from a real
+    forward pass (:func:`gmacs`), images per second timed interleaved in one process
+    (:func:`compare_throughput`, median of ``runs`` after ``warmup``; ``speedup`` relative to
+    the baseline, ``speedup_low`` / ``speedup_high`` the lowest and highest speed-up in one
+    round, :func:`speedup_range`), and with ``images`` top-1, top-5 and agreement with the
+    baseline in one pass over the folder (:func:`evaluate_many`, first ``limit`` images);
+    without ``images`` the accuracy values are None. Models are moved to ``device``; their
+    train/eval mode is restored.
+
+    Before anything is timed, every model's parameters are checked for NaN / inf and every
+    image (of the first ``limit``) is decoded once, so a corrupt model or image is a clear
+    error at once; logits with NaN / inf are an error too, never an accuracy.
     """
     if baseline_key not in models:
         raise TokenSparseError(f"baseline {baseline_key!r} is not one of the models: {', '.join(models)}")
+    measurement_device(device)
+    check_finite_parameters(models, {baseline_key: f"the unreduced model ({baseline_key!r})"})
+    if images is not None:
+        files = dataset_files(split_dataset(ImageNetFolder(images, wnids), limit=limit))
+        with progress_bar("checking images", len(files), progress) as advance:
+            scan_images(files, progress=advance)
     out: dict[str, dict[str, float | None]] = {name: dict.fromkeys(METRICS) for name in models}
     with progress_bar("GMACs", len(models), progress) as advance:
         for name, model in models.items():
             out[name]["gmacs"] = gmacs(model)
             advance()
     with progress_bar("throughput", (warmup + runs) * len(models), progress) as advance:
-        speed = compare_throughput(models, batch_size=batch_size, threads=threads, device=device,
-                                   dtype=dtype, warmup=warmup, runs=runs,
-                                   progress=lambda done, total: advance())
+        times = timed_runs(models, batch_size=batch_size, threads=threads, device=device,
+                           dtype=dtype, warmup=warmup, runs=runs,
+                           progress=lambda done, total: advance())
+    speed = throughput(times, batch_size)
     for name, ips in speed.items():
-        out[name].update(img_per_s=ips, speedup=ips / speed[baseline_key])
+        low, high = speedup_range(times, baseline_key, name)
+        out[name].update(img_per_s=ips, speedup=ips / speed[baseline_key], speedup_low=low, speedup_high=high)
     if images is not None:
         accuracy: dict[str, Any] = evaluate_many(
             models, images, wnids, reference_key=baseline_key, batch_size=batch_size,

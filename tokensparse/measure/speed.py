@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import TokenSparseError
-from ..utils import positive_int, resolve_device
-from ._common import eval_mode, resolve_dtype, synchronize
+from ..utils import positive_int
+from ._common import eval_mode, measurement_device, resolve_dtype, synchronize
 from .flops import model_input_size
 
 ProgressFn = Callable[[int, int], None]
@@ -65,7 +65,38 @@ def compare_throughput(models: Mapping[str, nn.Module], batch_size: int = 32,
     Models are timed round-robin (one pass of each model per run, the starting model
     rotating between runs) on the same random batch, under ``torch.inference_mode()``.
     Models are moved to ``device`` in place and left there; their train/eval mode is
-    restored. ``dtype='bf16'`` runs under ``torch.autocast``.
+    restored. ``dtype='bf16'`` runs under ``torch.autocast``. :func:`timed_runs` gives the
+    seconds of every pass (for the spread: :func:`speedup_range`).
+    """
+    times = timed_runs(models, batch_size=batch_size, input_size=input_size, threads=threads, device=device,
+                       dtype=dtype, warmup=warmup, runs=runs, progress=progress)
+    return throughput(times, batch_size)
+
+
+def throughput(times: Mapping[str, Sequence[float]], batch_size: int) -> dict[str, float]:
+    """Images per second of each model from :func:`timed_runs`' seconds: ``batch_size`` / median."""
+    return {n: batch_size / statistics.median(t) for n, t in times.items()}
+
+
+def speedup_range(times: Mapping[str, Sequence[float]], baseline: str, name: str) -> tuple[float, float]:
+    """Lowest and highest speed-up of ``name`` over ``baseline`` in one round of :func:`timed_runs`
+    (baseline seconds / model seconds, both timed in the same round).
+
+    The speed-up of the medians (:func:`compare_throughput`) always lies in this range.
+    """
+    ratios = [b / t for b, t in zip(times[baseline], times[name])]
+    return min(ratios), max(ratios)
+
+
+def timed_runs(models: Mapping[str, nn.Module], batch_size: int = 32,
+               input_size: Sequence[int] | None = None, threads: int | None = None,
+               device: str | torch.device = "cpu", dtype: str = "fp32",
+               warmup: int = 2, runs: int = 10,
+               progress: ProgressFn | None = None) -> dict[str, list[float]]:
+    """Seconds of each of the ``runs`` timed forward passes of every model, in round order.
+
+    Round ``k`` times every model once (see :func:`compare_throughput`, which takes the same
+    arguments), so entry ``k`` of two models' lists were timed side by side.
     """
     if not models:
         raise TokenSparseError("compare_throughput needs at least one model")
@@ -73,7 +104,7 @@ def compare_throughput(models: Mapping[str, nn.Module], batch_size: int = 32,
     positive_int(runs, "runs")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise TokenSparseError(f"warmup must be a non-negative integer, got {warmup!r}")
-    dev, amp_dtype = resolve_device(device), resolve_dtype(dtype)
+    dev, amp_dtype = measurement_device(device), resolve_dtype(dtype)
     size = tuple(input_size) if input_size is not None else _common_input_size(models)
     names = list(models)
     for m in models.values():
@@ -91,4 +122,4 @@ def compare_throughput(models: Mapping[str, nn.Module], batch_size: int = 32,
                 done += 1
                 if progress is not None:
                     progress(done, total)
-    return {n: batch_size / statistics.median(times[n]) for n in names}
+    return times

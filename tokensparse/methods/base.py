@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,7 +26,7 @@ class Method:
 
     Subclasses set ``name``, ``summary`` and ``options``, validate options in
     :meth:`validate`, say which kinds of family they work on in :meth:`supports_family`, and
-    implement :meth:`apply`, which installs the method's hooks (or routes) through the
+    implement :meth:`prepare`, which builds and returns the installer of the method's hooks (or routes) through the
     model's :class:`~tokensparse.families.Family`. Removal is generic
     (:func:`tokensparse.unpatch`).
     """
@@ -67,8 +67,13 @@ class Method:
             return False
         return not (self.needs_class_token and not getattr(family, "has_class_token", False))
 
-    def apply(self, model: nn.Module, family: Any) -> None:
-        """Install the method on ``model`` through its ``family`` (one this method supports)."""
+    def prepare(self, model: nn.Module, family: Any) -> Callable[[], None]:
+        """Check everything and build the method's parts for ``model`` (its ``family`` is one this
+        method supports) without changing the model; return the function that installs them.
+
+        :func:`tokensparse.patch` removes a previous method only after this succeeded, so a
+        failed ``patch`` leaves the model as it was.
+        """
         raise NotImplementedError
 
 
@@ -131,9 +136,24 @@ def per_location(value: Any, n: int, name: str) -> list[Any]:
     return [value] * n
 
 
-def keep_count(keep_rate: float, n: int) -> int:
-    """Tokens kept out of ``n`` at ``keep_rate``: ``ceil(keep_rate * n)``, at least 1."""
-    return max(1, min(n, math.ceil(keep_rate * n - 1e-9)))
+ROUNDINGS = ("ceil", "floor")
+
+
+def keep_count(keep_rate: float, n: int, rounding: str) -> int:
+    """Tokens kept out of ``n`` at ``keep_rate``, at least 1 and at most ``n``.
+
+    ``rounding`` is each method's own, from its authors' code, so every caller says which:
+    ``"ceil"`` (EViT / Top-K: ``math.ceil(keep_rate * N)``) or ``"floor"`` (Evo-ViT and
+    DynamicViT: ``int(N * ratio)``). A tiny tolerance absorbs float error in products that are
+    whole numbers (``0.7 ** 2 * 196``).
+    """
+    if rounding == "ceil":
+        k = math.ceil(keep_rate * n - 1e-6)
+    elif rounding == "floor":
+        k = math.floor(keep_rate * n + 1e-6)
+    else:
+        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    return max(1, min(n, k))
 
 
 class TokenReducer(BlockHook):
@@ -162,9 +182,9 @@ class BlockReducerMethod(Method):
         """``{block: reducer}`` for a model of ``depth`` blocks."""
         raise NotImplementedError
 
-    def apply(self, model: nn.Module, family: Any) -> None:
+    def prepare(self, model: nn.Module, family: Any) -> Callable[[], None]:
         family.check(self.name)
         if self.needs_class_token:
             family.require_class_token(self.name)
-        state = TokenState(num_prefix=family.num_prefix, prop_attn=self.prop_attn)
-        family.install(state, self.build_reducers(family.depth))
+        reducers = self.build_reducers(family.depth)
+        return lambda: family.install(TokenState(num_prefix=family.num_prefix, prop_attn=self.prop_attn), reducers)

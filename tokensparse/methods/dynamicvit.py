@@ -18,6 +18,7 @@ move them through safetensors files.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from ..models import describe_mismatch
 from ..ops import gather_tokens, keep_assignment, split_topk, topk_indices, with_prefix
 from ..state import TokenState
 from ..utils import atomic_write
-from .base import Method, OptionInfo, check_bool, check_keep_rate, per_location, resolve_locations
+from .base import Method, OptionInfo, check_bool, check_keep_rate, keep_count, per_location, resolve_locations
 
 FILE_FORMAT = "tokensparse-dynamicvit-predictors"
 
@@ -53,8 +54,9 @@ def spatial_ratios(rho: float, n: int) -> list[float]:
 
 
 def keep_tokens(n0: int, ratio: float) -> int:
-    """Patch tokens kept at ``ratio`` of the original ``n0``: ``int(n0 * ratio)``, at least 1."""
-    return max(1, min(n0, int(n0 * ratio + 1e-6)))
+    """Patch tokens kept at ``ratio`` of the original ``n0``: ``int(n0 * ratio)`` (the authors'
+    rounding, down), at least 1."""
+    return keep_count(ratio, n0, "floor")
 
 
 def hard_keep_mask(log_probs: Tensor, prev: Tensor | None = None, gumbel: bool = True) -> Tensor:
@@ -400,7 +402,7 @@ class DynamicViT(Method):
         if self.config["predictors"] is not None:
             load_predictors(parts, self.config["predictors"])
 
-    def apply(self, model: nn.Module, family: TokenFamily | RoutedFamily) -> None:
+    def prepare(self, model: nn.Module, family: TokenFamily | RoutedFamily) -> Callable[[], None]:
         family.check(self.name)
         sched = self.plan(family)
         gumbel = self.config["gumbel"]
@@ -409,8 +411,7 @@ class DynamicViT(Method):
             self._finish_parts(model, {f"blocks.{b}.predictor": m.predictor for b, m in pruners.items()})
             for m in pruners.values():
                 m.train(model.training)
-            family.install(TokenState(num_prefix=family.num_prefix, keep_features=True), pruners)
-            return
+            return lambda: family.install(TokenState(num_prefix=family.num_prefix, keep_features=True), pruners)
         # routed: a router before each location, fast paths from the first on
         dim = family.width()
         routers = {b: PositionRouter(dim, r, gumbel) for b, r in sched.items()}
@@ -420,7 +421,7 @@ class DynamicViT(Method):
         self._finish_parts(model, parts)
         for m in routers.values():
             m.train(model.training)
-        family.install(TokenState(keep_features=True), routers, fast)
+        return lambda: family.install(TokenState(keep_features=True), routers, fast)
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

@@ -81,6 +81,10 @@ from ..ops import gather_tokens, split_topk
 from ..state import LocationInfo, TokenState
 from .base import Method, OptionInfo, check_choice, check_keep_rate, default_locations, keep_count
 
+AUTHORS_DEIT = "evovit:stages=[4,8],update=carry,keep_rate=0.5,alpha=[1,1,1,1,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5]"
+"""The authors' DeiT setting (YifanXu74/Evo-ViT ``evo_deit_*_patch16_224``: ``tradeoff`` and
+``prune_ratio`` lists, stages split at blocks 4 and 8, placeholders carried) for a 12-block ViT;
+add ``pool=mean`` for their from-scratch classifier (``head(norm(mean(tokens)))``)."""
 UPDATES = ("representative", "carry")
 SPLITS = ("stage", "block")
 POOLS = ("model", "mean", "token", "both")
@@ -166,6 +170,14 @@ class EvoState(TokenState):
         self.g = None          # drop references to this pass's tensors (and graph)
         self.split = None
 
+    def token_map(self) -> Tensor:
+        """Inside an open stage: informative patches at their slow-path positions, placeholders -1."""
+        if self.split is None:
+            return self.patch_to_token
+        inf_idx, P = self.split.inf_idx, self.num_prefix
+        ranks = torch.arange(inf_idx.shape[1], device=inf_idx.device).expand_as(inf_idx) + P
+        return torch.full_like(self.patch_to_token, -1).scatter(1, inf_idx, ranks)
+
     def row(self, extras: AttentionExtras) -> Tensor:
         """The class-attention row ``(B, N)`` summed over heads."""
         return getattr(extras, self.query).sum(dim=1)
@@ -199,7 +211,7 @@ def open_stage(x: Tensor, g: Tensor, num_prefix: int, keep_rate: float, update: 
     P = num_prefix
     x_patch = x[:, P:]
     n = x_patch.shape[1]
-    k = keep_count(keep_rate, n)
+    k = keep_count(keep_rate, n, "floor")
     inf_idx, ph_idx = split_informative(g, k)
     informative = torch.zeros_like(g, dtype=torch.bool).scatter_(1, inf_idx, True)
     parts = [x[:, :P], gather_tokens(x_patch, inf_idx)]
@@ -237,17 +249,17 @@ class EvoHook(BlockHook):
     there are), its last block restores it.
     """
 
-    def __init__(self, plan: EvoPlan, query: str) -> None:
+    def __init__(self, plan: EvoPlan, query: str, alpha: float) -> None:
         super().__init__()
-        self.plan = plan
+        self.plan, self.alpha = plan, alpha
         self.needs = frozenset({query})
 
     def extra_repr(self) -> str:
-        return f"{self.plan}"
+        return f"{self.plan}, alpha={self.alpha}"
 
     def before(self, x: Tensor, state: EvoState, block: int) -> Tensor:
         plan = self.plan
-        if plan.stage_start and keep_count(plan.keep_rate, state.g.shape[1]) < state.g.shape[1]:
+        if plan.stage_start and keep_count(plan.keep_rate, state.g.shape[1], "floor") < state.g.shape[1]:
             x, state.split = open_stage(x, state.g, state.num_prefix, plan.keep_rate, plan.update)
             state.grid_positions, state.trailing = state.split.inf_idx, int(state.split.rep is not None)
         return x
@@ -256,10 +268,10 @@ class EvoHook(BlockHook):
         P, a = state.num_prefix, state.row(extras)
         split = state.split
         if split is None:
-            state.g = update_global_attention(state.g, a[:, P:], state.alpha)
+            state.g = update_global_attention(state.g, a[:, P:], self.alpha)
         else:
             k = split.inf_idx.shape[1]
-            g_inf = update_global_attention(state.g.gather(1, split.inf_idx), a[:, P:P + k], state.alpha)
+            g_inf = update_global_attention(state.g.gather(1, split.inf_idx), a[:, P:P + k], self.alpha)
             state.g = state.g.scatter(1, split.inf_idx, g_inf)
         return x
 
@@ -302,10 +314,12 @@ def flat_spans(depth: int, stages: list[int], keep_rates: list[float], split: st
 class EvoViT(Method):
     name = "evovit"
     summary = ("Evo-ViT: slow-fast token evolution; informative tokens (by global class attention) take "
-               "the full block, placeholders a cheap shared update, spatial layout kept")
+               "the full block, placeholders a cheap shared update, spatial layout kept. The authors' DeiT "
+               "setting: " + AUTHORS_DEIT)
     options = (
         OptionInfo("keep_rate", 0.5, "share of patch tokens that are informative (slow path), in (0, 1]; or one per stage"),
-        OptionInfo("alpha", 0.5, "global class attention update g = (1-alpha) g + alpha A_cls, in [0, 1]"),
+        OptionInfo("alpha", 0.5, "global class attention update g = (1-alpha) g + alpha A_cls, in [0, 1]; or one "
+                                 "per block (ViTs; the authors' DeiT code: 1 before the first stage, then 0.5)"),
         OptionInfo("stages", None, "blocks where evolution stages start (each lasts until the next); default 1/4, 1/2, 3/4 of the depth ([3, 6, 9] for 12 blocks)"),
         OptionInfo("split", "stage", "stage: split once per stage (authors' DeiT code); block: re-split every block (paper, layer-wise)"),
         OptionInfo("update", "representative", "placeholders: representative (paper, fast path) or carry (unchanged, authors' DeiT code)"),
@@ -336,9 +350,12 @@ class EvoViT(Method):
             raise TokenSparseError("keep_rate must be a number in (0, 1] or a non-empty list of them")
         for r in rates:
             check_keep_rate(r)
-        a = c["alpha"]
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
-            raise TokenSparseError(f"alpha must be a number in [0, 1], got {a!r}")
+        alphas = c["alpha"] if isinstance(c["alpha"], (list, tuple)) else [c["alpha"]]
+        if not alphas:
+            raise TokenSparseError("alpha must be a number in [0, 1] or a list of them, one per block")
+        for a in alphas:
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 <= a <= 1:
+                raise TokenSparseError(f"alpha must be a number in [0, 1], got {a!r}")
         s = c["stages"]
         if s is not None:
             if isinstance(s, int) and not isinstance(s, bool):
@@ -374,7 +391,18 @@ class EvoViT(Method):
                 f"stage start {stages[-1]} is outside the model's blocks: valid stage starts are 1..{depth - 1}")
         return stages
 
-    def apply(self, model: nn.Module, family: TokenFamily) -> None:
+    def alphas(self, depth: int, hierarchical: bool) -> list[float]:
+        """``alpha`` of every block: one value for all, or a list with one entry per block (ViTs)."""
+        a = self.config["alpha"]
+        if not isinstance(a, (list, tuple)):
+            return [float(a)] * depth
+        if hierarchical:
+            raise TokenSparseError("a list of alpha values applies to ViTs; LeViT takes one alpha")
+        if len(a) != depth:
+            raise TokenSparseError(f"alpha has {len(a)} entries but the model has {depth} blocks (give one per block)")
+        return [float(v) for v in a]
+
+    def prepare(self, model: nn.Module, family: TokenFamily) -> Callable[[], None]:
         family.check(self.name)
         c = self.config
         hierarchical = len(family.stage_depths) > 1
@@ -395,13 +423,18 @@ class EvoViT(Method):
                     f"pool=mean needs a model whose head pools tokens; {type(model).__name__} has its own head "
                     f"(use pool=model)")
             spans, class_token = self.flat_spans(family.depth), None
-        if class_token == "add":
-            family.add_class_token()
+        alphas = self.alphas(family.depth, hierarchical)
         query = "mean_attn" if class_token == "mean" else "cls_attn"
         pool = None if c["pool"] == "model" else c["pool"]
-        state = EvoState(num_prefix=family.num_prefix, alpha=float(c["alpha"]), query=query, pool=pool)
         plans = stage_plans(spans, c["update"])
-        family.install(state, {b: EvoHook(plans.get(b, EvoPlan()), query) for b in range(family.depth)})
+        hooks = {b: EvoHook(plans.get(b, EvoPlan()), query, alphas[b]) for b in range(family.depth)}
+
+        def install() -> None:
+            if class_token == "add":
+                family.add_class_token()
+            state = EvoState(num_prefix=family.num_prefix, alpha=alphas[0], query=query, pool=pool)
+            family.install(state, hooks)
+        return install
 
     def flat_spans(self, depth: int) -> list[tuple[int, int, float]]:
         """Evolution stages over the blocks of a single-stage model (ViT)."""

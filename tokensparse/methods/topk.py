@@ -1,4 +1,8 @@
-"""Top-K and EViT: keep the patch tokens with the highest class attention (METHODS.md §1)."""
+"""Top-K and EViT: keep the patch tokens with the highest class attention (METHODS.md §1).
+
+Kept tokens at ``keep_rate``: ``ceil(keep_rate * N)`` of the ``N`` patch tokens, as the EViT
+authors' code (``math.ceil(keep_rate * (N - 1))``, the class token excluded).
+"""
 from __future__ import annotations
 
 import torch
@@ -39,7 +43,7 @@ class TopKReducer(TokenReducer):
         P = state.num_prefix
         _B, N, _ = x.shape
         n = N - P
-        k = min(self.tokens, n) if self.tokens is not None else keep_count(self.keep_rate, n)
+        k = min(self.tokens, n) if self.tokens is not None else keep_count(self.keep_rate, n, "ceil")
         if k >= n:
             state.record(block, x)
             return x

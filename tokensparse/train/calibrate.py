@@ -34,8 +34,8 @@ from ..methods import dynamicvit as dv
 from ..methods import supported_families
 from ..spec import parse_spec
 from ..state import TokenState
-from ..utils import progress_bar, resolve_device
-from .config import LearningConfig, check_int, check_number
+from ..utils import check_writable_folder, progress_bar, remove_stale_temp_files, resolve_device
+from .config import LearningConfig, check_bool, check_int, check_number
 from .finetune import WarmupCosine, mix_seed, seed_everything
 from .losses import DynamicViTLoss, Teacher
 
@@ -67,9 +67,12 @@ class CalibrateConfig(LearningConfig):
     def validate(self) -> None:
         super().validate()
         check_int(self, "imitation_epochs", 0)
-        check_number(self, "imitation_lr")
+        check_number(self, "imitation_lr", positive=True)
+        check_bool(self, "flip")
         if not self.lr > 0:
-            raise TokenSparseError(f"lr must be > 0, got {self.lr!r}")
+            raise TokenSparseError(f"lr must be > 0 and finite, got {self.lr!r}")
+        if self.epochs > 0:
+            self.check_some_loss()
 
 
 @dataclass
@@ -168,11 +171,33 @@ def imitate_class_attention(stage_map: dict[int, dv.PredictionModule], cache: Te
             idx = order[i:i + batch_size]
             loss = sum(F.nll_loss(s.predictor(toks[idx].to(device)).flatten(0, 1), lab[idx].to(device).flatten())
                        for s, toks, lab in zip(stages, cache.stage_tokens, labels))
+            if not torch.isfinite(loss.detach()):
+                raise non_finite_error(
+                    f"the warm-start (imitation) loss is not finite ({float(loss.detach()):.4g})", epoch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if progress is not None:
                 progress(1)
+
+
+def non_finite_error(what: str, epoch: int) -> TokenSparseError:
+    """The error that stops calibration when training diverges (nothing is written)."""
+    return TokenSparseError(
+        f"calibration stopped in epoch {epoch + 1}: {what}; no predictors were written; lower the learning rate "
+        f"(--lr) or check the loss weights, the model's weights and the images")
+
+
+def check_output_file(out: str | Path) -> Path:
+    """Before calibrating: ``out`` is not a folder and its folder is writable (created if missing);
+    temporary files a killed write of ``out`` left there are removed."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise TokenSparseError(f"cannot write predictors {str(path)!r}: it is a folder; give a file name "
+                               f"such as {str(path / 'predictors.safetensors')!r}")
+    check_writable_folder(path.parent, "output folder")
+    remove_stale_temp_files(path.parent, (path.name,))
+    return path
 
 
 def forward_from(model: nn.Module, h: Tensor, start: int) -> Tensor:
@@ -188,12 +213,16 @@ def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dyna
     ``model``: an unpatched timm ViT, ConvNeXt or Swin classifier with trained weights
     (patched here with ``method``, e.g. ``"dynamicvit:rho=0.7"``), or one already patched with
     ``dynamicvit``. ``dataset`` items are ``(image tensor, anything)``: labels are not used.
-    Writes the learned parts to ``out`` (safetensors) if given. Returns the patched model in
-    eval mode.
+    Writes the learned parts to ``out`` (safetensors) if given; its folder is checked to be
+    writable before any work. Returns the patched model in eval mode.
+
+    A non-finite loss stops calibration with a TokenSparseError, and nothing is written.
     """
     cfg = config or CalibrateConfig()
     cfg.validate()
     dev = resolve_device(device)
+    if out is not None:
+        out = check_output_file(out)
     if is_patched(model):
         locations = sorted(dv.prediction_modules(model))
         base = Teacher(model).model
@@ -243,7 +272,10 @@ def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dyna
                     seed_everything(mix_seed(cfg.seed, step, 11))
                     logits = forward_from(model, cache.inputs[idx].to(dev), start)
                     outputs = dv.train_outputs(model)
-                    loss, _ = loss_fn(logits, None, outputs, cache.logits[idx].to(dev), cache.tokens[idx].to(dev))
+                    loss, parts = loss_fn(logits, None, outputs, cache.logits[idx].to(dev), cache.tokens[idx].to(dev))
+                    if not torch.isfinite(loss.detach()):
+                        shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items() if k != "ce")
+                        raise non_finite_error(f"the loss is not finite ({float(loss.detach()):.4g}: {shown})", epoch)
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
@@ -253,6 +285,8 @@ def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dyna
     finally:
         model.eval()
         model.requires_grad_(True)
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise non_finite_error("the learned parameters are not finite after the last update", max(cfg.epochs - 1, 0))
     if out is not None:
         dv.save_predictors(model, out)
     return model

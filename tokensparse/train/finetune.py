@@ -7,15 +7,22 @@ the consumed batches without loading them and continues bit-for-bit like an unin
 
 Checkpoints (``<out>/checkpoint.pt``) are one ``torch.save`` file holding only tensors and
 plain Python values (model and predictors state dict, AdamW and LR-scheduler state, epoch,
-step, RNG state, config), loadable with ``weights_only=True``; they are written atomically
-(:func:`tokensparse.utils.atomic_write`), so a crash never leaves a half-written one.
-Trained predictors also go to ``<out>/predictors.safetensors`` after every epoch.
+step, RNG state, config, and a sha256 checksum of all of it), loadable with
+``weights_only=True``; they are written atomically (:func:`tokensparse.utils.atomic_write`),
+so a crash never leaves a half-written one (temporary files a kill leaves behind are removed
+when the next run starts), and :func:`load_checkpoint` verifies the checksum, so a damaged
+file is a clear error, never silently resumed from. Trained predictors also go to
+``<out>/predictors.safetensors`` after every epoch. Nothing non-finite is ever written: a
+non-finite loss (or parameters) stops training with a clear error, keeping the last good
+checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,14 +38,21 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from ..api import is_patched, patch
 from ..errors import TokenSparseError
 from ..methods import dynamicvit as dv
+from ..models import describe_load_error
 from ..spec import parse_spec
-from ..utils import atomic_write, progress_bar
-from .config import LearningConfig, check_int, check_number
+from ..utils import atomic_write, check_writable_folder, progress_bar, remove_stale_temp_files
+from .config import LearningConfig, check_bool, check_int, check_number
 from .losses import DynamicViTLoss, Teacher
 
 CHECKPOINT = "checkpoint.pt"
 PREDICTORS = "predictors.safetensors"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
+"""2: with a ``checksum`` (version 1 files, without one, still load)."""
+
+#: options whose change on resume rebuilds the learning-rate schedule (see :func:`finetune_dynamicvit`)
+SCHEDULE_OPTIONS = ("epochs", "lr", "warmup_epochs", "min_lr", "backbone_lr_scale", "weight_decay")
+#: options that fix the data order: a resume must keep them (and the number of processes)
+ORDER_OPTIONS = ("batch_size", "seed")
 
 
 @dataclass(kw_only=True)
@@ -63,8 +77,10 @@ class TrainConfig(LearningConfig):
         check_number(self, "backbone_lr_scale", "ce_weight")
         if self.clip_grad is not None:
             check_number(self, "clip_grad")
+        check_bool(self, "bf16")
         check_int(self, "checkpoint_every", 1, optional=True)
         check_int(self, "max_steps", 1, optional=True)
+        self.check_some_loss(ce_weight=self.ce_weight)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -197,6 +213,36 @@ def param_groups(model: nn.Module, lr: float, backbone_lr_scale: float, weight_d
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def payload_digest(payload: dict[str, Any]) -> str:
+    """sha256 (hex) of a checkpoint payload: every tensor's dtype, shape and bytes and every
+    other value, in the payload's order, the ``checksum`` entry left out.
+
+    The same after a ``torch.save`` / ``torch.load`` round trip; a changed byte anywhere in
+    the values changes it.
+    """
+    h = hashlib.sha256()
+    _feed_digest(h, {k: v for k, v in payload.items() if k != "checksum"})
+    return h.hexdigest()
+
+
+def _feed_digest(h: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)};".encode())
+        for k, v in value.items():
+            _feed_digest(h, k)
+            _feed_digest(h, v)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__} {len(value)};".encode())
+        for v in value:
+            _feed_digest(h, v)
+    else:
+        h.update(f"{type(value).__name__} {value!r};".encode())
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, epoch: int, step_in_epoch: int, global_step: int,
                     config: TrainConfig, world: int) -> Path:
@@ -212,11 +258,13 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         "world_size": world, "config": asdict(config),
         "rng_torch": torch.get_rng_state(),
     }
+    payload["checksum"] = payload_digest(payload)
     return atomic_write(path, lambda f: torch.save(payload, f), what="checkpoint")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`; clear error if missing or corrupt."""
+    """Read a checkpoint written by :func:`save_checkpoint`; clear error if missing or corrupt
+    (unreadable, truncated, or its content does not match its checksum)."""
     p = Path(path).expanduser()
     if not p.is_file():
         raise TokenSparseError(f"checkpoint {str(p)!r} not found")
@@ -229,6 +277,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     needed = {"version", "model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step"}
     if not isinstance(payload, dict) or not needed <= set(payload):
         raise TokenSparseError(f"{str(p)!r} is not a tokensparse training checkpoint")
+    version = payload["version"]
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise TokenSparseError(f"checkpoint {str(p)!r} has format version {version!r}; this tokensparse reads "
+                               f"versions up to {CHECKPOINT_VERSION} (upgrade tokensparse)")
+    if (version >= 2 or "checksum" in payload) and payload.get("checksum") != payload_digest(payload):
+        raise TokenSparseError(
+            f"checkpoint {str(p)!r} is corrupt: its content does not match the checksum stored when it was "
+            f"written (damaged on disk or in a copy); it cannot be resumed from")
     return payload
 
 
@@ -258,22 +314,121 @@ def _prepare(model: nn.Module, method: str) -> tuple[nn.Module, Teacher]:
     return patch(model, method), teacher
 
 
+def _on_main(info: DistInfo, check: Callable[[], None]) -> None:
+    """Run ``check`` on rank 0 only; a TokenSparseError it raises is raised on every rank."""
+    message = None
+    if info.main:
+        try:
+            check()
+        except TokenSparseError as exc:
+            message = str(exc)
+    if info.world > 1:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise TokenSparseError(message if info.main else f"(rank 0) {message}")
+
+
+def _all_ranks(info: DistInfo, ok: torch.Tensor) -> bool:
+    """Whether the boolean tensor ``ok`` is True on every rank (one tiny all-reduce under DDP)."""
+    if info.world > 1:
+        flag = ok.to(device=info.device, dtype=torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+    return bool(ok)
+
+
+def _finite_parameters(model: nn.Module) -> torch.Tensor:
+    """A boolean tensor: every parameter of ``model`` is finite."""
+    return torch.stack([torch.isfinite(p.detach()).all() for p in model.parameters()]).all()
+
+
+def prepare_output(out: Path, resume_from: Path | None, overwrite: bool) -> None:
+    """Before any training: the output folder is writable (created if missing), an existing
+    checkpoint there is resumed or explicitly overwritten, and temporary files that a killed
+    checkpoint / predictors write left there are removed."""
+    existing = out / CHECKPOINT
+    if existing.is_file() and not overwrite and (
+            resume_from is None or resume_from.resolve() != existing.resolve()):
+        raise TokenSparseError(
+            f"{str(existing)!r} already holds a training checkpoint; continue it with --resume (resume=True) or "
+            f"start over with --overwrite (overwrite=True), which replaces it")
+    check_writable_folder(out, "output folder")
+    remove_stale_temp_files(out, (CHECKPOINT, PREDICTORS))
+
+
+def _schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, per_epoch: int,
+              done: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up + cosine over ``cfg.epochs`` for the groups' ``initial_lr``, ``done`` steps in."""
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+    rule = WarmupCosine(round(cfg.warmup_epochs * per_epoch), per_epoch * cfg.epochs, floor)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, rule, last_epoch=done - 1)
+
+
+def _resume_conflicts(ckpt: dict[str, Any], cfg: TrainConfig, world: int) -> None:
+    """Clear error for a resume that cannot continue the checkpoint's run."""
+    old = ckpt.get("config", {})
+    order = {"processes": (ckpt.get("world_size", world), world),
+             **{k: (old.get(k, getattr(cfg, k)), getattr(cfg, k)) for k in ORDER_OPTIONS}}
+    if any(a != b for a, b in order.values()):
+        raise TokenSparseError(
+            "checkpoint was written with " + ", ".join(f"{k} {a}" for k, (a, _) in order.items())
+            + "; resume with the same to keep the data order (got "
+            + ", ".join(f"{k} {b}" for k, (_, b) in order.items()) + ")")
+    before = old.get("backbone_lr_scale", cfg.backbone_lr_scale)
+    if (before == 0) != (cfg.backbone_lr_scale == 0):
+        raise TokenSparseError(
+            f"checkpoint was written with backbone_lr_scale {before} and this run has {cfg.backbone_lr_scale}: "
+            f"0 freezes the backbone, so the optimizer state does not carry over; resume with "
+            f"{'0' if before == 0 else 'a value > 0'}")
+
+
 def finetune_dynamicvit(model: nn.Module, dataset: Dataset, out_dir: str | Path, method: str = "dynamicvit",
              config: TrainConfig | None = None, resume: bool | str | Path = False,
              on_step: StepCallback | None = None, progress: bool = True,
-             device: str | None = None) -> nn.Module:
+             device: str | None = None, overwrite: bool = False) -> nn.Module:
     """Fine-tune ``model`` with DynamicViT on ``dataset`` (items ``(image tensor, label)``).
 
     ``model`` is an unpatched timm ViT (patched here with ``method``; a frozen copy is the
     teacher) or one already patched with ``dynamicvit``. Under ``torchrun`` this runs DDP
-    (gloo on CPU, nccl on GPUs). ``resume``: True for ``<out_dir>/checkpoint.pt`` or a path.
-    ``on_step(global_step, loss_parts)`` runs after every optimiser step. Returns the model
-    (patched, in eval mode).
+    (gloo on CPU, nccl on GPUs). ``on_step(global_step, loss_parts)`` runs after every
+    optimiser step. Returns the model (patched, in eval mode).
+
+    Output: ``out_dir`` must be writable (checked, and created, before anything is trained).
+    If it already holds a checkpoint, the run refuses to start unless it resumes that
+    checkpoint or ``overwrite=True`` (``--overwrite``) says to replace it. Temporary files a
+    killed checkpoint write left in ``out_dir`` are removed.
+
+    ``resume``: True for ``<out_dir>/checkpoint.pt``, or a checkpoint path. With the options
+    the checkpoint was written with, the run continues bit-for-bit as if never stopped. The
+    data order must stay the same: a different number of processes, ``batch_size`` or
+    ``seed`` is refused. A different ``epochs``, ``lr``, ``warmup_epochs``, ``min_lr``,
+    ``backbone_lr_scale`` or ``weight_decay`` rebuilds the learning-rate schedule (warm-up,
+    then cosine to ``min_lr``) for the new options and horizon, continuing at the step the
+    checkpoint reached (the weights and AdamW moments carry over; a note on stderr names the
+    changes), instead of the old schedule (which, e.g., would run added epochs at the floor).
+    Loss weights, ``clip_grad``, ``bf16``, ``checkpoint_every`` and ``max_steps`` simply take
+    their new values.
+
+    A non-finite loss (or non-finite parameters after an update) stops training with a
+    TokenSparseError before anything of that step is applied or saved; the last good
+    checkpoint and predictors stay as they were.
     """
     cfg = config or TrainConfig()
     cfg.validate()
+    if not isinstance(overwrite, bool):
+        raise TokenSparseError(f"overwrite must be True or False, got {overwrite!r}")
+    if resume is True and overwrite:
+        raise TokenSparseError("resume=True (--resume) continues the checkpoint in the output folder and "
+                               "overwrite=True (--overwrite) replaces it: give one of them")
     info = setup_distributed(device)
     out = Path(out_dir).expanduser()
+    resume_from = None if not resume else out / CHECKPOINT if resume is True else Path(resume).expanduser()
+    _on_main(info, lambda: prepare_output(out, resume_from, overwrite))
+    ckpt = load_checkpoint(resume_from) if resume_from is not None else None
+    if ckpt is not None:
+        _resume_conflicts(ckpt, cfg, info.world)
     seed_everything(cfg.seed)
     model, teacher = _prepare(model, method)
     model.to(info.device).train()
@@ -289,33 +444,50 @@ def finetune_dynamicvit(model: nn.Module, dataset: Dataset, out_dir: str | Path,
             f"{len(dataset)} images are fewer than one batch ({cfg.batch_size} per process x {info.world} "
             f"processes); lower the batch size")
     total = per_epoch * cfg.epochs
-    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(round(cfg.warmup_epochs * per_epoch), total, floor))
+    scheduler = _schedule(optimizer, cfg, per_epoch)
     ratio_weight = dv.default_ratio_weight(model) if cfg.ratio_weight is None else cfg.ratio_weight
     loss_fn = DynamicViTLoss(ratio_weight, cfg.distill_weight, cfg.token_weight, cfg.ce_weight)
     epoch, skip, step = 0, 0, 0
-    if resume:
-        ckpt = load_checkpoint(out / CHECKPOINT if resume is True else resume)
-        if ckpt.get("world_size", info.world) != info.world or \
-                ckpt.get("config", {}).get("batch_size", cfg.batch_size) != cfg.batch_size:
-            raise TokenSparseError(
-                f"checkpoint was written by {ckpt.get('world_size')} process(es) with batch size "
-                f"{ckpt['config'].get('batch_size')}; resume with the same to keep the data order")
+    saved: int | None = None  # global step of the last checkpoint in ``out`` this run continues or wrote
+    if ckpt is not None:
+        fresh = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
         try:
             model.load_state_dict(ckpt["model"])
             optimizer.load_state_dict(ckpt["optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise TokenSparseError(f"checkpoint does not fit this model or method: {str(exc).splitlines()[0]}") from None
-        scheduler.load_state_dict(ckpt["scheduler"])
+            raise TokenSparseError(f"checkpoint does not fit this model or method: {describe_load_error(exc)}") from None
         epoch, skip, step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
+        old = ckpt.get("config", {})
+        changed = {k: (old[k], getattr(cfg, k)) for k in SCHEDULE_OPTIONS if k in old and old[k] != getattr(cfg, k)}
+        if not changed:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        else:  # the new options' schedule, ``step`` steps in
+            for group, (lr, weight_decay) in zip(optimizer.param_groups, fresh):
+                group["initial_lr"], group["weight_decay"] = lr, weight_decay
+            scheduler = _schedule(optimizer, cfg, per_epoch, done=step)
+            if progress and info.main:
+                print("note: resuming with " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items())
+                      + f": learning-rate schedule rebuilt for them from step {step}", file=sys.stderr)
         torch.set_rng_state(ckpt["rng_torch"])
+        if resume_from is not None and resume_from.resolve() == (out / CHECKPOINT).resolve():
+            saved = step
     autocast = torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     stop = total if cfg.max_steps is None else min(total, cfg.max_steps)
 
+    def stopped(at: int, what: str) -> TokenSparseError:
+        kept = (f"the last good checkpoint, {str(out / CHECKPOINT)!r} (step {saved}), is kept" if saved is not None
+                else "no checkpoint was written by this run")
+        return TokenSparseError(
+            f"training stopped at step {at} (epoch {(at - 1) // per_epoch + 1}): {what}; nothing from it was saved "
+            f"and {kept}; lower the learning rate (--lr) or check the loss weights, weights and images")
+
     def checkpoint(ep: int, in_epoch: int) -> None:
+        nonlocal saved
+        if not _all_ranks(info, _finite_parameters(model)):
+            raise stopped(step, "the parameters are not finite after the last update")
         if info.main:
             save_checkpoint(out / CHECKPOINT, net, optimizer, scheduler, ep, in_epoch, step, cfg, info.world)
+        saved = step
         barrier(info)
 
     with progress_bar("train", stop, progress and info.main, completed=min(step, stop), transient=False) as advance:
@@ -332,6 +504,10 @@ def finetune_dynamicvit(model: nn.Module, dataset: Dataset, out_dir: str | Path,
                     logits = net(images)
                     outputs = dv.train_outputs(model)
                     loss, parts = loss_fn(logits, labels, outputs, t_logits, t_tokens)
+                if not _all_ranks(info, torch.isfinite(loss.detach())):
+                    shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items())
+                    raise stopped(step + 1, f"the loss is not finite ({float(loss.detach()):.4g}: {shown}), "
+                                            f"so the step was not applied")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_grad:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,8 @@ def token_distillation(student: Tensor, teacher: Tensor, keep: Tensor | None = N
 
 
 class DynamicViTLoss(nn.Module):
-    """The DynamicViT objective; every weight is an option (0 turns a part off).
+    """The DynamicViT objective; every weight is an option (0 turns a part off; weights must be
+    finite numbers >= 0, ``label_smoothing`` in [0, 1)).
 
     ``forward(logits, target, outputs, teacher_logits, teacher_tokens)`` returns the total
     loss and its detached parts ``{"ce", "ratio", "kl", "token"}``. ``target`` may be None
@@ -55,8 +57,11 @@ class DynamicViTLoss(nn.Module):
         super().__init__()
         for name, w in (("ratio_weight", ratio_weight), ("distill_weight", distill_weight),
                         ("token_weight", token_weight), ("ce_weight", ce_weight)):
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
-                raise TokenSparseError(f"{name} must be a number >= 0, got {w!r}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+                raise TokenSparseError(f"{name} must be a number >= 0 and finite, got {w!r}")
+        if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) \
+                or not 0 <= label_smoothing < 1:  # also rejects nan
+            raise TokenSparseError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
         self.ratio_weight, self.distill_weight, self.token_weight = ratio_weight, distill_weight, token_weight
         self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
 

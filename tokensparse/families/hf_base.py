@@ -1,0 +1,417 @@
+"""The machinery every Hugging Face ``transformers`` family shares: one parameterised encoder family.
+
+ViT / DeiT, DINOv2, CLIP and SigLIP vision towers are the same pre-norm transformer; their
+layers differ in attribute names (and DINOv2 adds layer scales and drop path). A family
+file gives a :class:`LayerLayout` (the names inside a layer and its attention), the
+transformers classes it accepts, where the blocks sit in the encoder, what runs before
+them (embeddings, CLIP's pre-norm) and after (the final norm), and which token is the class
+token; :class:`HFEncoderFamily` does the rest, as ``families/vit.py`` does for timm:
+
+- the layers get :class:`HFTokenLayer`, which calls the method's hook at the three hook
+  points, and their attention :class:`HFTokenAttention`: always ``scaled_dot_product_attention``
+  (whatever ``config._attn_implementation`` says) with the proportional-attention bias or
+  DynamicViT's training keep mask from the :class:`~tokensparse.state.TokenState`, returning
+  the :class:`~tokensparse.families.base.AttentionExtras` a hook asks for;
+- the model the user patched and its encoder get :class:`HFTokenModel`, which starts and
+  finishes the pass around transformers' own ``forward`` (so ``return_dict``, labels and the
+  heads keep working) and refuses gradient checkpointing; a head that averages tokens gets a
+  subclass that weights them by size (family files).
+
+Weights and submodules stay transformers'. What a method cannot get from a reduced model is
+refused clearly: ``output_attentions`` / ``output_hidden_states`` (attention is fused and the
+token count changes from layer to layer) and attention masks.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import Tensor, nn
+
+from ..errors import TokenSparseError
+from ..ops import policy_softmax
+from ..state import TokenState
+from .base import HOOK, AttentionExtras, BlockHook, attach, slot, swap_class
+from .hf import SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, HFFamily
+from .vit import attention_extras, pool_tokens
+
+MASK_ERROR = "token reduction does not support attention masks on transformers models (every token attends to all)"
+
+
+def layout_error(model: nn.Module, what: str) -> TokenSparseError:
+    """The error for a transformers model whose modules are not laid out as this family expects."""
+    return TokenSparseError(
+        f"cannot patch this {type(model).__name__}: {what}. tokensparse supports {SUPPORTED_TRANSFORMERS} "
+        f"(tested with {TESTED_TRANSFORMERS}); installed: transformers {transformers.__version__}. Install a "
+        f"supported version (pip install 'tokensparse[hf]')")
+
+
+def checkpointing_error() -> TokenSparseError:
+    """Gradient checkpointing recomputes layers in the backward pass, and a method's layers change
+    the tokens and the pass's records, so the recomputation would not match."""
+    return TokenSparseError(
+        "gradient checkpointing cannot be used on a token-reduced transformers model: the recomputed layers would "
+        "not see the tokens the method kept; call model.activation_checkpointing_disable() (or the older "
+        "gradient_checkpointing_disable()), or tokensparse.unpatch(model) before enabling it")
+
+
+def resolve(module: nn.Module, path: str) -> Any:
+    """``module.a.b`` for ``path`` ``"a.b"`` (``""``: the module itself), or None if any part is missing."""
+    for part in filter(None, path.split(".")):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+# ----------------------------------------------------------------------------- layers
+
+@dataclass(frozen=True)
+class LayerLayout:
+    """Attribute names of one family's encoder layer and its attention.
+
+    A layer computes ``x + post_attn(attn(norm1(x)))`` then ``x + post_mlp(mlp(norm2(x)))``,
+    where ``post_*`` apply the named submodules in order (ViT's dropout, DINOv2's layer scale
+    and drop path; none for CLIP / SigLIP). The attention has linear ``q``, ``k``, ``v`` and
+    ``out`` projections, ``head_dim``, a float ``scale`` and an attention dropout probability
+    ``dropout``.
+    """
+    norm1: str
+    attn: str
+    norm2: str
+    mlp: str
+    post_attn: tuple[str, ...]
+    post_mlp: tuple[str, ...]
+    q: str = "q_proj"
+    k: str = "k_proj"
+    v: str = "v_proj"
+    out: str = "o_proj"
+    scale: str = "scaling"
+    dropout: str = "attention_dropout"
+
+    def layer_problem(self, layer: nn.Module) -> str | None:
+        """What ``layer`` lacks of this layout, or None."""
+        missing = [n for n in (self.norm1, self.attn, self.norm2, self.mlp, *self.post_attn, *self.post_mlp)
+                   if not isinstance(getattr(layer, n, None), nn.Module)]
+        if missing:
+            return f"its {type(layer).__name__} has no {', '.join(missing)}"
+        attn = getattr(layer, self.attn)
+        missing = [n for n in (self.q, self.k, self.v, self.out) if not isinstance(getattr(attn, n, None), nn.Linear)]
+        missing += [n for n in ("head_dim", self.scale, self.dropout)
+                    if not isinstance(getattr(attn, n, None), (int, float))]
+        if missing:
+            return f"its {type(attn).__name__} has no {', '.join(missing)}"
+        return None
+
+
+class HFTokenAttention(nn.Module):
+    """A transformers attention module, fused, taking a logit bias or a keep mask and returning scoring by-products.
+
+    Subclasses set ``layout``; :class:`HFTokenLayer` calls :meth:`forward_tokens`.
+    """
+    layout: ClassVar[LayerLayout]
+
+    def forward_tokens(self, x: Tensor, bias: Tensor | None = None, keep: Tensor | None = None,
+                       needs: frozenset[str] = frozenset()) -> tuple[Tensor, AttentionExtras]:
+        """Attention on ``x`` ``(B, N, C)``; ``bias`` broadcastable to ``(B, H, N, N)``; ``keep`` ``(B, N)``:
+        attend only to kept keys (and the query itself), multiplicatively so that gradients reach the
+        mask (DynamicViT training: the one path that materialises the attention matrix)."""
+        lay = self.layout
+        B, N, _ = x.shape
+        D = int(self.head_dim)
+        q = getattr(self, lay.q)(x).view(B, N, -1, D).transpose(1, 2)
+        k = getattr(self, lay.k)(x).view(B, N, -1, D).transpose(1, 2)
+        v = getattr(self, lay.v)(x).view(B, N, -1, D).transpose(1, 2)
+        scale = float(getattr(self, lay.scale))
+        p = float(getattr(self, lay.dropout)) if self.training else 0.0
+        if keep is not None:
+            weights = policy_softmax((q * scale) @ k.transpose(-2, -1), keep)
+            out = F.dropout(weights, p, self.training).to(v.dtype) @ v
+        else:
+            mask = None if bias is None else bias.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
+        out = getattr(self, lay.out)(out.transpose(1, 2).reshape(B, N, -1))
+        return out, attention_extras(q, k, v, scale, bias, needs)
+
+
+class HFTokenLayer(nn.Module):
+    """A transformers encoder layer with hook points: before the layer, after attention, after the layer.
+
+    Subclasses set ``layout``. transformers calls ``layer(hidden_states, attention_mask, **kwargs)``.
+    """
+    layout: ClassVar[LayerLayout]
+
+    def _branch(self, y: Tensor, names: tuple[str, ...]) -> Tensor:
+        for name in names:
+            y = getattr(self, name)(y)
+        return y
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
+        if attention_mask is not None:
+            raise TokenSparseError(MASK_ERROR)
+        if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            raise checkpointing_error()
+        lay = self.layout
+        s = self.__dict__["_ts"]
+        state: TokenState = s.state
+        x = hidden_states
+        state.ensure_started(x)
+        attn, norm1 = getattr(self, lay.attn), getattr(self, lay.norm1)
+        hook: BlockHook | None = self._modules.get(HOOK)
+        if hook is None:
+            y, _ = attn.forward_tokens(norm1(x), state.attn_bias(), state.attn_policy())
+            x = x + self._branch(y, lay.post_attn)
+            return x + self._branch(getattr(self, lay.mlp)(getattr(self, lay.norm2)(x)), lay.post_mlp)
+        x = hook.before(x, state, s.index)
+        y, extras = attn.forward_tokens(norm1(x), state.attn_bias(), state.attn_policy(), hook.needs)
+        x = x + self._branch(y, lay.post_attn)
+        x = hook.after_attn(x, extras, state, s.index)
+        x = x + self._branch(getattr(self, lay.mlp)(getattr(self, lay.norm2)(x)), lay.post_mlp)
+        return hook.after(x, state, s.index)
+
+
+# ----------------------------------------------------------------------------- models
+
+def refuse_outputs(model: nn.Module, kwargs: dict[str, Any]) -> None:
+    """Refuse per-layer outputs a reduced model cannot give (clear error, not silently empty tuples)."""
+    config = getattr(model, "config", None)
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(name, getattr(config, name, False)):
+            raise TokenSparseError(
+                f"{name} is not available on a token-reduced model (attention runs fused and the number of tokens "
+                f"changes from layer to layer); call tokensparse.unpatch(model) first, or use "
+                f"tokensparse.location_records(model)")
+
+
+class HFTokenModel(nn.Module):
+    """The patched transformers model and its vision encoder: start and finish the pass around
+    transformers' ``forward``; the encoder keeps its final tokens when the method asks
+    (``TokenState.keep_features``, DynamicViT training). Gradient checkpointing is refused.
+
+    Subclasses that replace a head that averages tokens override ``forward`` and call
+    :meth:`token_pass` with their own function.
+    """
+
+    def token_pass(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` as one pass of the token state."""
+        refuse_outputs(self, kwargs)
+        s = self.__dict__["_ts"]
+        state: TokenState = s.state
+        state.finish()
+        try:
+            out = fn(*args, **kwargs)
+        finally:
+            state.finish()
+        if state.keep_features and s.config.get("encoder"):
+            state.features = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.token_pass(super().forward, *args, **kwargs)
+
+    def ts_encoder(self) -> nn.Module:
+        """The vision encoder inside this model (itself for an encoder)."""
+        return resolve(self, self.__dict__["_ts"].config["encoder_path"])
+
+    def _set_gradient_checkpointing(self, enable: bool = True, *args: Any, **kwargs: Any) -> None:
+        """Refused while patched (:func:`checkpointing_error`); disabling is allowed."""
+        if enable:
+            raise checkpointing_error()
+        super()._set_gradient_checkpointing(enable, *args, **kwargs)
+
+
+def pooled_mean(x: Tensor, state: TokenState, num_prefix: int) -> Tensor:
+    """The mean of the patch tokens ``x[:, P:]`` as the model computes it, weighted by token size (or the
+    training keep mask) once tokens were merged or masked (:func:`~tokensparse.families.vit.pool_tokens`)."""
+    pooled = pool_tokens(x, state, num_prefix)
+    return x[:, num_prefix:].mean(dim=1) if pooled is None else pooled
+
+
+# ----------------------------------------------------------------------------- the family
+
+class HFEncoderFamily(HFFamily):
+    """A transformers vision-encoder family, parameterised by class attributes (see the module docstring).
+
+    ``layer`` / ``attention``: the :class:`HFTokenLayer` / :class:`HFTokenAttention` subclasses
+    with the family's layout; ``layer_classes`` / ``attention_classes`` / ``encoder_classes``:
+    the transformers classes they accept; ``embed``: the encoder's modules run before block 0,
+    in order; ``blocks_path``: where its layers are; ``final_norm``: the norm applied to the
+    final tokens (``last_hidden_state``), or None; ``class_token``: the embeddings' class
+    token parameter (None: no class token); ``extra_prefix``: further prefix-token parameters
+    ``(1, n, C)`` after it (distillation token, registers); ``heads``: class name ->
+    :class:`HFTokenModel` subclass for models whose head averages tokens; ``encoder_parts``:
+    path under the encoder -> mixin for other modules to patch (SigLIP's pooling head).
+    """
+    layer: ClassVar[type[HFTokenLayer]]
+    attention: ClassVar[type[HFTokenAttention]]
+    layer_classes: ClassVar[tuple[type, ...]] = ()
+    attention_classes: ClassVar[tuple[type, ...]] = ()
+    encoder_classes: ClassVar[tuple[type, ...]] = ()
+    embed: ClassVar[tuple[str, ...]] = ("embeddings",)
+    blocks_path: ClassVar[str] = "layers"
+    final_norm: ClassVar[str | None] = None
+    class_token: ClassVar[str | None] = None
+    extra_prefix: ClassVar[tuple[str, ...]] = ()
+    heads: ClassVar[dict[str, type[HFTokenModel]]] = {}
+    encoder_parts: ClassVar[dict[str, type[nn.Module]]] = {}
+
+    # --------------------------------------------------------------- where things are
+
+    @property
+    def model_class(self) -> type:
+        """The transformers class of the model (its original class when patched)."""
+        s = slot(self.model)
+        cls = s.original if s is not None and s.original is not None else type(self.model)
+        for c in cls.__mro__:
+            if c.__name__ in self.classes and c.__module__.startswith("transformers."):
+                return c
+        raise layout_error(self.model, f"{cls.__name__} is not one of {', '.join(self.classes)}")
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The vision encoder (the module holding the embeddings and the layers)."""
+        enc = resolve(self.model, self.classes[self.model_class.__name__])
+        if not isinstance(enc, self.encoder_classes):
+            names = " or ".join(c.__name__ for c in self.encoder_classes)
+            raise layout_error(self.model, f"its vision encoder is not a {names}")
+        return enc
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        layers = resolve(self.encoder, self.blocks_path)
+        if not isinstance(layers, nn.ModuleList):
+            raise layout_error(self.model, f"its {type(self.encoder).__name__} has no {self.blocks_path} layer list")
+        return layers
+
+    @property
+    def embeddings(self) -> nn.Module:
+        emb = getattr(self.encoder, "embeddings", None)
+        if not isinstance(emb, nn.Module):
+            raise layout_error(self.model, f"its {type(self.encoder).__name__} has no embeddings")
+        return emb
+
+    @property
+    def has_class_token(self) -> bool:
+        return self.class_token is not None
+
+    @property
+    def num_prefix(self) -> int:
+        emb = self.embeddings
+        n = int(self.class_token is not None)
+        for name in self.extra_prefix:
+            param = getattr(emb, name, None)
+            if isinstance(param, Tensor):
+                n += int(param.shape[-2])
+        return n
+
+    # --------------------------------------------------------------- checks
+
+    def check_layout(self) -> None:
+        """A clear error if the model's modules are not laid out as this family (and transformers
+        version) expects: every attribute the patched classes use is checked here."""
+        enc, layers = self.encoder, self.blocks
+        for name in (*self.embed, *([self.final_norm] if self.final_norm else [])):
+            if not isinstance(resolve(enc, name), nn.Module):
+                raise layout_error(self.model, f"its {type(enc).__name__} has no {name}")
+        if self.class_token is not None and not isinstance(getattr(self.embeddings, self.class_token, None), Tensor):
+            raise layout_error(self.model, f"its embeddings have no {self.class_token}")
+        if not layers:
+            raise TokenSparseError(f"this {type(self.model).__name__} has no layers")
+        if self.model_class.__name__ in self.heads and not isinstance(getattr(self.model, "classifier", None), nn.Module):
+            raise layout_error(self.model, "it has no classifier")
+        for i, layer in enumerate(layers):
+            attn = getattr(layer, self.layer.layout.attn, None)
+            if not isinstance(layer, self.layer_classes) or not isinstance(attn, self.attention_classes):
+                raise layout_error(
+                    self.model, f"layer {i} is a {type(layer).__name__} with {type(attn).__name__} attention; "
+                                f"supported: {' / '.join(c.__name__ for c in self.layer_classes)}")
+            problem = self.layer.layout.layer_problem(layer)
+            if problem:
+                raise layout_error(self.model, f"layer {i}: {problem}")
+        for path, mixin in self.encoder_parts.items():
+            problem = mixin.problem(resolve(enc, path))
+            if problem:
+                raise layout_error(self.model, f"{path}: {problem}")
+
+    def check(self, method: str) -> None:
+        self.check_layout()
+        if any(getattr(m, "gradient_checkpointing", False) for m in self.model.modules()):
+            raise TokenSparseError("disable gradient checkpointing (model.activation_checkpointing_disable(), or the "
+                                   "older gradient_checkpointing_disable()) before patching")
+
+    # --------------------------------------------------------------- patching
+
+    def install(self, state: TokenState, hooks: dict[int, BlockHook]) -> None:
+        model, enc, name = self.model, self.encoder, self.model_class.__name__
+        swap_class(model, self.heads.get(name, HFTokenModel), state).config["encoder_path"] = self.classes[name]
+        swap_class(enc, HFTokenModel, state).config["encoder"] = True
+        for path, mixin in self.encoder_parts.items():
+            part = resolve(enc, path)
+            if part is not None:
+                swap_class(part, mixin, state)
+        for i, layer in enumerate(self.blocks):
+            swap_class(layer, self.layer, state, i)
+            swap_class(getattr(layer, self.layer.layout.attn), self.attention, state, i)
+            if i in hooks:
+                attach(layer, HOOK, hooks[i])
+
+    # --------------------------------------------------------------- running part of the model
+
+    def run_to(self, x: Tensor, start: int) -> Tensor:
+        enc = self.encoder
+        x = x.to(self.embeddings_dtype())
+        for name in self.embed:
+            x = resolve(enc, name)(x)
+        for layer in self.blocks[:start]:
+            x = layer(x, None)
+        return x
+
+    def embeddings_dtype(self) -> torch.dtype:
+        return next(self.embeddings.parameters()).dtype
+
+    def features_from(self, h: Tensor, start: int) -> Tensor:
+        s = slot(self.model)
+        state = None if s is None else s.state
+        if state is not None:
+            state.finish()
+        try:
+            for layer in self.blocks[start:]:
+                h = layer(h, None)
+            out = h if self.final_norm is None else resolve(self.encoder, self.final_norm)(h)
+        finally:
+            if state is not None:
+                state.finish()
+        if state is not None and state.keep_features:
+            state.features = out
+        return out
+
+    def feature_tokens(self, features: Tensor) -> Tensor:
+        return features
+
+    def num_positions(self) -> int:
+        config = self.encoder.config
+        size, patch = config.image_size, config.patch_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
+        return int((h // ph) * (w // pw))
+
+    def width(self) -> int:
+        """Channels of the tokens."""
+        return int(self.encoder.config.hidden_size)
+
+
+__all__ = [
+    "HFEncoderFamily",
+    "HFTokenAttention",
+    "HFTokenLayer",
+    "HFTokenModel",
+    "LayerLayout",
+    "checkpointing_error",
+    "layout_error",
+    "pooled_mean",
+    "refuse_outputs",
+]
