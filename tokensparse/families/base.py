@@ -8,7 +8,7 @@ the slots name and puts every original class back, so no method needs its own re
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -224,6 +224,26 @@ class TokenFamily:
     def head_pools_tokens(self) -> bool:
         """Whether the head pools tokens (so ``TokenState.pool`` applies), not a model-specific head."""
         return True
+
+    def record_pass(self, run: Callable[[], Tensor]) -> Tensor:
+        """``run()`` (part of a forward pass) as one recorded pass of the model's state: the pass
+        starts fresh and ends after it; the output is kept as ``state.features`` when asked."""
+        s = slot(self.model)
+        state = None if s is None else s.state
+        if state is None:
+            return run()
+        state.finish()
+        try:
+            out = run()
+        finally:
+            state.finish()
+        if state.keep_features:
+            state.features = out
+        return out
+
+    def feature_tokens(self, features: Tensor) -> Tensor:
+        """A token family's ``forward_features`` output already is ``(B, N, C)`` tokens."""
+        return features
 
     def require_class_token(self, method: str) -> None:
         """Raise the clear class-token error if the model has none."""

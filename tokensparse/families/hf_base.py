@@ -374,23 +374,12 @@ class HFEncoderFamily(HFFamily):
         return next(self.embeddings.parameters()).dtype
 
     def features_from(self, h: Tensor, start: int) -> Tensor:
-        s = slot(self.model)
-        state = None if s is None else s.state
-        if state is not None:
-            state.finish()
-        try:
+        def run() -> Tensor:
+            x = h
             for layer in self.blocks[start:]:
-                h = layer(h, None)
-            out = h if self.final_norm is None else resolve(self.encoder, self.final_norm)(h)
-        finally:
-            if state is not None:
-                state.finish()
-        if state is not None and state.keep_features:
-            state.features = out
-        return out
-
-    def feature_tokens(self, features: Tensor) -> Tensor:
-        return features
+                x = layer(x, None)
+            return x if self.final_norm is None else resolve(self.encoder, self.final_norm)(x)
+        return self.record_pass(run)
 
     def num_positions(self) -> int:
         config = self.encoder.config

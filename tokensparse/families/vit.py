@@ -282,23 +282,12 @@ class ViTFamily(TokenFamily):
         return x
 
     def features_from(self, h: Tensor, start: int) -> Tensor:
-        s = slot(self.model)
-        state = None if s is None else s.state
-        if state is not None:
-            state.finish()
-        try:
+        def run() -> Tensor:
+            x = h
             for blk in self.model.blocks[start:]:
-                h = blk(h)
-            out = self.model.norm(h)
-        finally:
-            if state is not None:
-                state.finish()
-        if state is not None and state.keep_features:
-            state.features = out
-        return out
-
-    def feature_tokens(self, features: Tensor) -> Tensor:
-        return features
+                x = blk(x)
+            return self.model.norm(x)
+        return self.record_pass(run)
 
     def num_positions(self) -> int:
         return int(self.model.patch_embed.num_patches)
