@@ -28,7 +28,7 @@ from .families import get_family
 from .measure import BASELINE, build_variants, measure_variants, measurement_device, random_predictors, wide_spread
 from .methods import get_method
 from .methods.dynamicvit import describe
-from .models import create_model
+from .models import HF_PREFIX, create_model
 from .spec import format_spec, parse_spec
 from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
 from .train.calibrate import CalibrateConfig, calibrate_dynamicvit, check_output_file, method_plan
@@ -76,10 +76,11 @@ def non_negative_int(text: str) -> int:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--model, --weights / --pretrained (shared by subcommands that build a model)."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"timm model name (default: {DEFAULT_MODEL})")
+                        help=f"timm model name, or hf:PATH for a transformers model saved with save_pretrained "
+                             f"(a model hub id where a hub is reachable) (default: {DEFAULT_MODEL})")
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--weights", metavar="FILE",
-                        help="local .safetensors/.pth weights, loaded with strict=True")
+                        help="local .safetensors/.pth weights, loaded with strict=True (timm models)")
     source.add_argument("--pretrained", action="store_true",
                         help="download timm's pretrained weights (needs a model hub)")
 
@@ -211,7 +212,7 @@ def bench_accuracy_source(
     if args.images is not None:
         wnids = find_wnids(args.images, args.wnids)
         ImageNetFolder(args.images, wnids)  # fail fast on a bad folder or class list
-    if args.weights is None and not args.pretrained:
+    if args.weights is None and not args.pretrained and not args.model.startswith(HF_PREFIX):
         return None, ("note: accuracy columns need weights (--weights FILE or --pretrained); "
                       "measuring GMACs and throughput only")
     if args.images is None:
@@ -533,7 +534,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def build_parser() -> ArgumentParser:
     """The ``tokensparse`` parser with one subparser per command."""
     parser = ArgumentParser(prog="tokensparse",
-                            description="Token reduction for timm vision transformers.")
+                            description="Token reduction for timm and Hugging Face transformers vision models.")
     parser.add_argument("--version", action="version", version=f"tokensparse {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     add_bench_parser(subparsers)

@@ -29,6 +29,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import make_dataset
 
 from .errors import TokenSparseError
+from .families.hf import hf_data_config, is_transformers_model
 from .utils import positive_int
 
 __all__ = [
@@ -329,7 +330,10 @@ def split_dataset(dataset: Dataset, split: str = "all", limit: int | None = None
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's data config of ``model`` (input size, interpolation, mean, std, crop)."""
+    """timm's data config of ``model`` (input size, interpolation, mean, std, crop); for a transformers
+    model the same keys from its image processor (:func:`~tokensparse.families.hf.hf_data_config`)."""
+    if is_transformers_model(model):
+        return hf_data_config(model)
     return timm.data.resolve_data_config({}, model=model)
 
 

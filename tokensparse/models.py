@@ -1,4 +1,5 @@
-"""Create timm models, optionally loading a local weights file, with clear errors."""
+"""Create timm models (optionally loading a local weights file) and transformers models
+(``hf:PATH_OR_ID``), with clear errors."""
 from __future__ import annotations
 
 import difflib
@@ -181,9 +182,54 @@ def _shorten_keys(line: str) -> str:
     return f"{head} ({len(keys)}): {_short_list(keys)}"
 
 
+HF_PREFIX = "hf:"
+"""Model names starting with this load a transformers model: ``hf:PATH`` (a ``save_pretrained``
+folder) or ``hf:ORG/NAME`` (a model hub id)."""
+
+
+def _hf_source_problem(source: str) -> str | None:
+    """Why a hub id cannot be fetched now (offline, or the hub does not answer), or None."""
+    if Path(source).expanduser().is_dir():
+        return None
+    if _offline():
+        return "HF_HUB_OFFLINE is set"
+    return hub_unreachable(hub_constants.ENDPOINT)
+
+
+def load_hf_model(source: str) -> nn.Module:
+    """The transformers model saved in folder ``source`` (or hub id), eval mode, SDPA attention.
+
+    The class is the one ``config.json`` names (``architectures``), e.g. ``ViTForImageClassification``;
+    ``AutoModel`` when it names none. Its preprocessing comes from the folder's
+    ``preprocessor_config.json`` (:func:`tokensparse.data.data_config`).
+    """
+    try:
+        import transformers
+    except ImportError:
+        raise TokenSparseError('hf: models need transformers: pip install "tokensparse[hf]"') from None
+    if not source:
+        raise TokenSparseError("give a folder or model hub id after 'hf:', e.g. hf:./vit-base or hf:google/vit-base")
+    problem = _hf_source_problem(source)
+    if problem is not None and not Path(source).expanduser().exists():
+        raise TokenSparseError(f"hf:{source}: no such folder, and as a model hub id it cannot be fetched "
+                               f"({problem}); give a folder written by save_pretrained")
+    path = str(Path(source).expanduser()) if Path(source).expanduser().exists() else source
+    try:
+        config = transformers.AutoConfig.from_pretrained(path)
+        names = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, names[0], None) if names else transformers.AutoModel
+        if cls is None:
+            raise TokenSparseError(f"hf:{source}: config.json names the class {names[0]!r}, which this "
+                                   f"transformers {transformers.__version__} does not have")
+        model = cls.from_pretrained(path, attn_implementation="sdpa")
+    except (OSError, ValueError, KeyError) as exc:
+        raise TokenSparseError(f"cannot load the transformers model hf:{source}: {_first_line(exc)}") from None
+    return model.eval()
+
+
 def create_model(name: str, weights: str | Path | None = None, pretrained: bool = False,
                  **kwargs: Any) -> nn.Module:
-    """Create the timm model ``name`` in eval mode.
+    """Create the timm model ``name`` in eval mode (or, for ``hf:PATH_OR_ID``, :func:`load_hf_model`).
 
     ``weights``: a local ``.safetensors`` / ``.pth`` / ``.pt`` / ``.bin`` file loaded with
     ``strict=True``. ``pretrained``: timm's own download (needs a reachable model hub, or the
@@ -191,6 +237,11 @@ def create_model(name: str, weights: str | Path | None = None, pretrained: bool 
     :func:`check_pretrained_reachable`); giving both is an error. The model keeps timm's pretrained config for
     ``name``, so ``timm.data.resolve_data_config({}, model=model)`` gives its preprocessing.
     """
+    if name.startswith(HF_PREFIX):
+        if weights is not None or pretrained or kwargs:
+            raise TokenSparseError(f"{name}: a transformers model loads its own weights from its folder; "
+                                   f"--weights / --pretrained / model options apply to timm models only")
+        return load_hf_model(name[len(HF_PREFIX):])
     _check_name(name)
     if weights is not None and pretrained:
         raise TokenSparseError("give either a weights file or pretrained=True, not both")

@@ -18,8 +18,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .errors import TokenSparseError
 
-__all__ = ["Advance", "atomic_write", "check_writable_folder", "positive_int", "progress_bar",
-           "remove_stale_temp_files", "resolve_device"]
+__all__ = [
+    "Advance",
+    "atomic_write",
+    "check_writable_folder",
+    "output_logits",
+    "positive_int",
+    "progress_bar",
+    "remove_stale_temp_files",
+    "resolve_device",
+]
 
 
 def _temp_name(name: str) -> str:
@@ -167,3 +175,15 @@ def positive_int(value: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise TokenSparseError(f"{what} must be a positive integer, got {value!r}")
     return value
+
+
+def output_logits(out: Any) -> torch.Tensor:
+    """Class logits from a model's output: a tensor (timm) or an output with ``.logits`` (transformers
+    classifiers); a clear error for a model that outputs features."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TokenSparseError(f"the model outputs a {type(out).__name__}, not class logits: this needs a classifier "
+                           f"(for transformers, a ...ForImageClassification model)")

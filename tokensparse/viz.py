@@ -32,6 +32,7 @@ from torch import nn
 from .api import location_records, patch
 from .data import data_config, load_rgb, model_transform
 from .errors import TokenSparseError
+from .families import TokenFamily, get_family
 from .models import create_model
 from .spec import format_spec, parse_spec
 from .state import LocationInfo
@@ -189,10 +190,10 @@ def location_grid(loc: LocationInfo, model: nn.Module) -> tuple[int, int]:
     """The ``(H, W)`` grid of a location's positions: its own (ConvNeXt / Swin stages) or the model's patches."""
     if loc.grid is not None:
         return loc.grid
-    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
-    if grid is None:
+    family = get_family(model)
+    if not isinstance(family, TokenFamily):
         raise TokenSparseError(f"cannot tell the position grid of {type(model).__name__} at block {loc.block}")
-    return int(grid[0]), int(grid[1])
+    return family.patch_grid()
 
 
 def compute_maps(model: str | nn.Module, methods: Sequence[str], image: str | Path,

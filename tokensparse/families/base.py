@@ -184,8 +184,33 @@ class Family(Protocol):
     def num_positions(self) -> int:
         """Positions (patch tokens, or routed-stage positions) at the model's default input size."""
 
+    @property
+    def has_head(self) -> bool:
+        """Whether the model outputs class logits (a classifier, not a feature extractor)."""
 
-class TokenFamily:
+    def forward_features(self, x: Tensor) -> Tensor:
+        """The final tokens (or feature map) the head reads, from images ``x`` (records the pass)."""
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """Class logits from :meth:`forward_features`' output (classifiers only)."""
+
+
+class TimmParts:
+    """Family defaults for timm models: the model's own ``forward_features`` / ``forward_head``."""
+    model: nn.Module
+
+    @property
+    def has_head(self) -> bool:
+        return callable(getattr(self.model, "forward_head", None))
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        return self.model.forward_head(features)
+
+
+class TokenFamily(TimmParts):
     """Base of families whose blocks run on token sequences ``(B, P + N, C)`` with :class:`BlockHook` s.
 
     Subclasses implement the :class:`Family` methods and :meth:`install`. Attributes a method
@@ -244,6 +269,14 @@ class TokenFamily:
     def feature_tokens(self, features: Tensor) -> Tensor:
         """A token family's ``forward_features`` output already is ``(B, N, C)`` tokens."""
         return features
+
+    def patch_grid(self) -> tuple[int, int]:
+        """``(H, W)`` of the patch tokens at the model's default input size."""
+        raise NotImplementedError
+
+    def num_positions(self) -> int:
+        h, w = self.patch_grid()
+        return h * w
 
     def require_class_token(self, method: str) -> None:
         """Raise the clear class-token error if the model has none."""

@@ -11,7 +11,9 @@ families by class.
 from __future__ import annotations
 
 import importlib
-from typing import ClassVar
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -110,6 +112,89 @@ HF_FAMILIES: tuple[type[HFFamily], ...] = (HFViTFamily, HFDinov2Family, HFCLIPFa
 """Every transformers family, declared (their modules load on first use)."""
 
 
+INTERPOLATIONS = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+"""PIL resampling filters (what image processors store) by timm interpolation name."""
+
+
+def _height_width(value: Any) -> tuple[int, int] | None:
+    if isinstance(value, int):
+        return value, value
+    if isinstance(value, Mapping) and value.get("height") and value.get("width"):
+        return int(value["height"]), int(value["width"])
+    return None
+
+
+def _crop_pct(crop: int, scale: int) -> float:
+    """The timm ``crop_pct`` that makes timm resize to ``scale`` before cropping ``crop`` (timm floors
+    ``crop / crop_pct``, so the exact ratio may land one pixel short)."""
+    pct = crop / scale
+    return pct if math.floor(crop / pct) == scale else crop / (scale + 0.5)
+
+
+def processor_data_config(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """timm-style data config (``input_size``, ``interpolation``, ``mean``, ``std``, ``crop_pct``,
+    ``crop_mode``) doing what a transformers image processor does, from its settings
+    (``preprocessor_config.json``): resize to a height and width (squash) or the shortest edge,
+    centre crop, rescale by 1/255, normalise. Other settings are a clear error."""
+    def refuse(what: str) -> TokenSparseError:
+        return TokenSparseError(f"unsupported image processor settings ({what}); supported: resize to height/width "
+                                f"or shortest_edge, optional centre crop, rescale 1/255, normalise")
+    if not settings.get("do_resize", True):
+        raise refuse("do_resize is false")
+    if settings.get("do_rescale", True) is False or not math.isclose(settings.get("rescale_factor", 1 / 255), 1 / 255):
+        raise refuse(f"rescale {settings.get('do_rescale')}, factor {settings.get('rescale_factor')}")
+    resample = settings.get("resample", 2)
+    interpolation = INTERPOLATIONS.get(int(getattr(resample, "value", resample)))
+    if interpolation is None:
+        raise refuse(f"resample {resample!r}")
+    size = settings.get("size")
+    crop = _height_width(settings.get("crop_size")) if settings.get("do_center_crop") else None
+    squash = _height_width(size)
+    if squash is not None:
+        h, w = squash
+        ch, cw = crop or squash
+        if ch > h or cw > w or not math.isclose(ch / h, cw / w, rel_tol=1e-3):
+            raise refuse(f"resize to {h}x{w} then crop {ch}x{cw}")
+        mode, pct = "squash", _crop_pct(ch, h)
+    elif isinstance(size, Mapping) and size.get("shortest_edge"):
+        edge = int(size["shortest_edge"])
+        if crop is None and settings.get("crop_pct"):  # ConvNeXt's processor: crop the edge from edge / crop_pct
+            ch = cw = edge
+            pct = float(settings["crop_pct"])
+        elif crop is not None and crop[0] == crop[1] and crop[0] <= edge:
+            ch, cw = crop
+            pct = _crop_pct(ch, edge)
+        else:
+            raise refuse(f"shortest edge {edge} with crop {crop}")
+        mode = "center"
+    else:
+        raise refuse(f"size {size!r}")
+    normalise = settings.get("do_normalize", True)
+    mean = tuple(float(v) for v in settings.get("image_mean", (0.0,) * 3)) if normalise else (0.0,) * 3
+    std = tuple(float(v) for v in settings.get("image_std", (1.0,) * 3)) if normalise else (1.0,) * 3
+    return {"input_size": (3, ch, cw), "interpolation": interpolation, "mean": mean, "std": std,
+            "crop_pct": pct, "crop_mode": mode}
+
+
+def hf_data_config(model: nn.Module) -> dict[str, Any]:
+    """The preprocessing of a transformers ``model`` as a timm-style data config
+    (:func:`processor_data_config`), from the image processor saved where the model was loaded from
+    (``preprocessor_config.json`` next to its ``config.json``, or the same hub id)."""
+    source = getattr(getattr(model, "config", None), "_name_or_path", "")
+    if not source:
+        raise TokenSparseError(
+            f"this {type(model).__name__} was not loaded with from_pretrained, so its image preprocessing is "
+            f"unknown: save the model and its image processor (save_pretrained) in one folder and load that")
+    from transformers import AutoImageProcessor
+    try:
+        processor = AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenSparseError(f"cannot read the image processor (preprocessor_config.json) of {source!r}: "
+                               f"{first}") from None
+    return processor_data_config(processor.to_dict())
+
+
 def hf_family(model: nn.Module) -> HFFamily:
     """The family of a transformers ``model``, bound to it, or a clear error naming the supported classes."""
     for declared in HF_FAMILIES:
@@ -131,7 +216,9 @@ __all__ = [
     "HFFamily",
     "HFSiglipFamily",
     "HFViTFamily",
+    "hf_data_config",
     "hf_family",
     "is_transformers_model",
+    "processor_data_config",
     "transformers_class",
 ]

@@ -14,8 +14,10 @@ token; :class:`HFEncoderFamily` does the rest, as ``families/vit.py`` does for t
   the :class:`~tokensparse.families.base.AttentionExtras` a hook asks for;
 - the model the user patched and its encoder get :class:`HFTokenModel`, which starts and
   finishes the pass around transformers' own ``forward`` (so ``return_dict``, labels and the
-  heads keep working) and refuses gradient checkpointing; a head that averages tokens gets a
-  subclass that weights them by size (family files).
+  heads keep working) and refuses gradient checkpointing; a head that averages tokens gets
+  :class:`PooledClassifier`, which weights them by size;
+- :meth:`HFEncoderFamily.forward_head` computes a classifier's logits from its final tokens
+  as transformers does (the family's :class:`LogitHead`), for calibration and training.
 
 Weights and submodules stay transformers'. What a method cannot get from a reduced model is
 refused clearly: ``output_attentions`` / ``output_hidden_states`` (attention is fused and the
@@ -31,11 +33,13 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
+from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.utils.generic import can_return_tuple
 
 from ..errors import TokenSparseError
 from ..ops import policy_softmax
 from ..state import TokenState
-from .base import HOOK, AttentionExtras, BlockHook, attach, slot, swap_class
+from .base import HOOK, AttentionExtras, BlockHook, attach, model_state, slot, swap_class
 from .hf import SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, HFFamily
 from .vit import attention_extras, pool_tokens
 
@@ -224,11 +228,43 @@ class HFTokenModel(nn.Module):
         super()._set_gradient_checkpointing(enable, *args, **kwargs)
 
 
-def pooled_mean(x: Tensor, state: TokenState, num_prefix: int) -> Tensor:
+def pooled_mean(x: Tensor, state: TokenState | None, num_prefix: int) -> Tensor:
     """The mean of the patch tokens ``x[:, P:]`` as the model computes it, weighted by token size (or the
     training keep mask) once tokens were merged or masked (:func:`~tokensparse.families.vit.pool_tokens`)."""
-    pooled = pool_tokens(x, state, num_prefix)
+    pooled = None if state is None else pool_tokens(x, state, num_prefix)
     return x[:, num_prefix:].mean(dim=1) if pooled is None else pooled
+
+
+LogitHead = Callable[[nn.Module, Tensor, "TokenState | None", int], Tensor]
+"""``head(model, tokens, state, num_prefix)``: a classifier's logits from its final tokens
+(``last_hidden_state``), as transformers computes them (``state``: the pass state of a patched model)."""
+
+
+def class_token_logits(model: nn.Module, tokens: Tensor, state: TokenState | None, num_prefix: int) -> Tensor:
+    """``classifier(class token)`` (ViT, DeiT)."""
+    return model.classifier(tokens[:, 0])
+
+
+def mean_pool_logits(model: nn.Module, tokens: Tensor, state: TokenState | None, num_prefix: int) -> Tensor:
+    """``classifier(mean of the tokens after the prefix)``, weighted by size (CLIP, SigLIP)."""
+    return model.classifier(pooled_mean(tokens, state, num_prefix))
+
+
+class PooledClassifier(HFTokenModel):
+    """A transformers classifier whose head averages tokens (``vision model`` then ``classifier``): the
+    family's :class:`LogitHead` computes the logits, so merged tokens are weighted by size."""
+
+    def forward(self, pixel_values: Tensor | None = None, labels: Tensor | None = None, **kwargs: Any) -> Any:
+        return self.token_pass(self._classify, pixel_values, labels, **kwargs)
+
+    @can_return_tuple
+    def _classify(self, pixel_values: Tensor | None, labels: Tensor | None, **kwargs: Any) -> ImageClassifierOutput:
+        outputs = self.ts_encoder()(pixel_values, **kwargs)
+        s = self.__dict__["_ts"]
+        logits = s.config["logits"](self, outputs.last_hidden_state, s.state, s.state.num_prefix)
+        loss = None if labels is None else self.loss_function(labels, logits, self.config)
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                     attentions=outputs.attentions)
 
 
 # ----------------------------------------------------------------------------- the family
@@ -242,8 +278,9 @@ class HFEncoderFamily(HFFamily):
     in order; ``blocks_path``: where its layers are; ``final_norm``: the norm applied to the
     final tokens (``last_hidden_state``), or None; ``class_token``: the embeddings' class
     token parameter (None: no class token); ``extra_prefix``: further prefix-token parameters
-    ``(1, n, C)`` after it (distillation token, registers); ``heads``: class name ->
-    :class:`HFTokenModel` subclass for models whose head averages tokens; ``encoder_parts``:
+    ``(1, n, C)`` after it (distillation token, registers); ``logit_heads``: classifier class
+    name -> its :class:`LogitHead`; ``pooling_heads``: the classifiers among them whose head
+    averages tokens (patched with :class:`PooledClassifier`); ``encoder_parts``:
     path under the encoder -> mixin for other modules to patch (SigLIP's pooling head).
     """
     layer: ClassVar[type[HFTokenLayer]]
@@ -256,7 +293,8 @@ class HFEncoderFamily(HFFamily):
     final_norm: ClassVar[str | None] = None
     class_token: ClassVar[str | None] = None
     extra_prefix: ClassVar[tuple[str, ...]] = ()
-    heads: ClassVar[dict[str, type[HFTokenModel]]] = {}
+    logit_heads: ClassVar[dict[str, LogitHead]] = {}
+    pooling_heads: ClassVar[tuple[str, ...]] = ()
     encoder_parts: ClassVar[dict[str, type[nn.Module]]] = {}
 
     # --------------------------------------------------------------- where things are
@@ -321,7 +359,8 @@ class HFEncoderFamily(HFFamily):
             raise layout_error(self.model, f"its embeddings have no {self.class_token}")
         if not layers:
             raise TokenSparseError(f"this {type(self.model).__name__} has no layers")
-        if self.model_class.__name__ in self.heads and not isinstance(getattr(self.model, "classifier", None), nn.Module):
+        if self.model_class.__name__ in self.pooling_heads and not isinstance(getattr(self.model, "classifier", None),
+                                                                              nn.Module):
             raise layout_error(self.model, "it has no classifier")
         for i, layer in enumerate(layers):
             attn = getattr(layer, self.layer.layout.attn, None)
@@ -347,7 +386,8 @@ class HFEncoderFamily(HFFamily):
 
     def install(self, state: TokenState, hooks: dict[int, BlockHook]) -> None:
         model, enc, name = self.model, self.encoder, self.model_class.__name__
-        swap_class(model, self.heads.get(name, HFTokenModel), state).config["encoder_path"] = self.classes[name]
+        head = swap_class(model, PooledClassifier if name in self.pooling_heads else HFTokenModel, state)
+        head.config.update(encoder_path=self.classes[name], logits=self.logit_heads.get(name))
         swap_class(enc, HFTokenModel, state).config["encoder"] = True
         for path, mixin in self.encoder_parts.items():
             part = resolve(enc, path)
@@ -381,12 +421,31 @@ class HFEncoderFamily(HFFamily):
             return x if self.final_norm is None else resolve(self.encoder, self.final_norm)(x)
         return self.record_pass(run)
 
-    def num_positions(self) -> int:
+    # --------------------------------------------------------------- the whole model
+
+    @property
+    def has_head(self) -> bool:
+        return self.model_class.__name__ in self.logit_heads
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``last_hidden_state`` (the final tokens every head reads) from images ``x``."""
+        return self.features_from(self.run_to(x, 0), 0)
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        """The classifier's logits from ``last_hidden_state``; error for a model without one."""
+        head = self.logit_heads.get(self.model_class.__name__)
+        if head is None:
+            raise TokenSparseError(
+                f"{self.model_class.__name__} has no classification head (it outputs features); supported "
+                f"classifiers: {', '.join(self.logit_heads)}")
+        return head(self.model, features, model_state(self.model), self.num_prefix)
+
+    def patch_grid(self) -> tuple[int, int]:
         config = self.encoder.config
         size, patch = config.image_size, config.patch_size
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         ph, pw = (patch, patch) if isinstance(patch, int) else tuple(patch)
-        return int((h // ph) * (w // pw))
+        return int(h // ph), int(w // pw)
 
     def width(self) -> int:
         """Channels of the tokens."""
@@ -399,8 +458,12 @@ __all__ = [
     "HFTokenLayer",
     "HFTokenModel",
     "LayerLayout",
+    "LogitHead",
+    "PooledClassifier",
     "checkpointing_error",
+    "class_token_logits",
     "layout_error",
+    "mean_pool_logits",
     "pooled_mean",
     "refuse_outputs",
 ]

@@ -7,19 +7,23 @@ the plain ViT: class token, learned position embedding, pre-norm blocks with a f
 head on the class token. Anything else (registers, distillation token, layer scale, q/k
 norm, average pooling, ...) is refused with a clear error rather than converted wrongly.
 
-    hf = vit_from_timm(timm_model)       # same weights, same predictions
-    hf.save_pretrained("vit-hf")         # ViTForImageClassification.from_pretrained("vit-hf")
+    hf = vit_from_timm(timm_model)                        # same weights, same predictions
+    hf.save_pretrained("vit-hf")                          # ViTForImageClassification.from_pretrained
+    image_processor_from_timm(timm_model).save_pretrained("vit-hf")  # its preprocessing, for hf:vit-hf
 
-The image preprocessing stays the timm model's (``timm.data.resolve_data_config``); no image
-processor config is written.
+:func:`image_processor_from_timm` gives the timm model's preprocessing (resize, centre crop,
+mean and std of ``timm.data.resolve_data_config``) as a transformers ``BitImageProcessor``.
 """
 from __future__ import annotations
 
+import math
+
+import timm.data
 import torch
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import BitImageProcessor, ViTConfig, ViTForImageClassification
 
 from ..errors import TokenSparseError
 
@@ -117,10 +121,29 @@ def vit_from_timm(model: VisionTransformer) -> ViTForImageClassification:
     return hf.to(ref.device, ref.dtype).eval()
 
 
+def image_processor_from_timm(model: nn.Module) -> BitImageProcessor:
+    """The timm model's eval preprocessing as an image processor: bicubic (or the model's
+    interpolation) resize of the shortest edge to ``floor(size / crop_pct)``, centre crop, 1/255,
+    the model's mean and std. Square inputs and timm's ``center`` crop mode only."""
+    cfg = timm.data.resolve_data_config({}, model=model)
+    _, h, w = cfg["input_size"]
+    if h != w or cfg.get("crop_mode", "center") != "center":
+        raise TokenSparseError(f"cannot express this timm preprocessing as an image processor: input {h}x{w}, "
+                               f"crop_mode {cfg.get('crop_mode')!r} (square input and centre crop needed)")
+    resample = {"nearest": 0, "bilinear": 2, "bicubic": 3}.get(cfg["interpolation"])
+    if resample is None:
+        raise TokenSparseError(f"cannot express interpolation {cfg['interpolation']!r} as an image processor's")
+    edge = math.floor(h / cfg["crop_pct"])
+    return BitImageProcessor(do_resize=True, size={"shortest_edge": edge}, resample=resample, do_center_crop=True,
+                             crop_size={"height": h, "width": w}, do_rescale=True, rescale_factor=1 / 255,
+                             do_normalize=True, image_mean=list(cfg["mean"]), image_std=list(cfg["std"]),
+                             do_convert_rgb=True)
+
+
 @torch.no_grad()
 def max_logit_difference(timm_model: VisionTransformer, hf_model: ViTForImageClassification, x: Tensor) -> float:
     """Largest absolute difference between the two models' logits on ``x`` (a conversion check)."""
     return float((timm_model(x) - hf_model(pixel_values=x).logits).abs().max())
 
 
-__all__ = ["max_logit_difference", "vit_config_from_timm", "vit_from_timm", "vit_state_dict_from_timm"]
+__all__ = ["image_processor_from_timm", "max_logit_difference", "vit_config_from_timm", "vit_from_timm", "vit_state_dict_from_timm"]

@@ -26,8 +26,8 @@ from transformers.models.siglip.modeling_siglip import (
 from ..ops import size_bias
 from ..state import TokenState
 from .hf import HFSiglipFamily
-from .hf_base import HFEncoderFamily, HFTokenAttention, HFTokenLayer, HFTokenModel
-from .hf_clip import LAYOUT, MeanPoolClassifier
+from .hf_base import HFEncoderFamily, HFTokenAttention, HFTokenLayer, LogitHead, mean_pool_logits
+from .hf_clip import LAYOUT
 
 
 class SiglipTokenAttention(HFTokenAttention):
@@ -98,7 +98,8 @@ class HFSiglip(HFEncoderFamily, HFSiglipFamily):
     blocks_path = "encoder.layers"
     final_norm = "post_layernorm"
     class_token = None
-    heads: ClassVar[dict[str, type[HFTokenModel]]] = {"SiglipForImageClassification": MeanPoolClassifier}
+    logit_heads: ClassVar[dict[str, LogitHead]] = {"SiglipForImageClassification": mean_pool_logits}
+    pooling_heads = tuple(logit_heads)
     encoder_parts: ClassVar[dict[str, type[nn.Module]]] = {"head": SiglipTokenHead}
 
 

@@ -8,11 +8,15 @@ tokens (class, distillation), so no head changes. See ``hf_base.py``.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
+from torch import Tensor, nn
 from transformers.models.deit.modeling_deit import DeiTAttention, DeiTLayer, DeiTModel
 from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTModel
 
+from ..state import TokenState
 from .hf import HFViTFamily
-from .hf_base import HFEncoderFamily, HFTokenAttention, HFTokenLayer, LayerLayout
+from .hf_base import HFEncoderFamily, HFTokenAttention, HFTokenLayer, LayerLayout, LogitHead, class_token_logits
 
 LAYOUT = LayerLayout(norm1="layernorm_before", attn="attention", norm2="layernorm_after", mlp="mlp",
                      post_attn=("dropout",), post_mlp=("dropout",))
@@ -26,6 +30,11 @@ class ViTTokenLayer(HFTokenLayer):
     layout = LAYOUT
 
 
+def teacher_logits(model: nn.Module, tokens: Tensor, state: TokenState | None, num_prefix: int) -> Tensor:
+    """``DeiTForImageClassificationWithTeacher``: the mean of the class- and distillation-token heads."""
+    return (model.cls_classifier(tokens[:, 0]) + model.distillation_classifier(tokens[:, 1])) / 2
+
+
 class HFViT(HFEncoderFamily, HFViTFamily):
     """transformers ViT / DeiT."""
     layer = ViTTokenLayer
@@ -37,8 +46,11 @@ class HFViT(HFEncoderFamily, HFViTFamily):
     final_norm = "layernorm"
     class_token = "cls_token"
     extra_prefix = ("distillation_token",)
+    logit_heads: ClassVar[dict[str, LogitHead]] = {
+        "ViTForImageClassification": class_token_logits, "DeiTForImageClassification": class_token_logits,
+        "DeiTForImageClassificationWithTeacher": teacher_logits}
 
 
 FAMILY = HFViT
 
-__all__ = ["FAMILY", "HFViT", "ViTTokenAttention", "ViTTokenLayer"]
+__all__ = ["FAMILY", "HFViT", "ViTTokenAttention", "ViTTokenLayer", "teacher_logits"]

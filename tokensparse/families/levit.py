@@ -312,6 +312,5 @@ class LevitFamily(TokenFamily):
     def feature_tokens(self, features: Tensor) -> Tensor:
         return features.flatten(2).transpose(1, 2) if features.ndim == 4 else features
 
-    def num_positions(self) -> int:
-        h, w = stage_grid(self.model.stages[0])
-        return h * w
+    def patch_grid(self) -> tuple[int, int]:
+        return stage_grid(self.model.stages[0])

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..errors import TokenSparseError
 from ..ops import route_tokens
 from ..state import LocationInfo, TokenState
-from .base import attach, ensure_slot, swap_class
+from .base import TimmParts, attach, ensure_slot, swap_class
 from .vit import checkpointing_error
 
 ROUTED_STAGE = 2
@@ -121,7 +121,7 @@ class FeatureRecorder(nn.Module):
         return out
 
 
-class RoutedFamily:
+class RoutedFamily(TimmParts):
     """A hierarchical model (timm ConvNeXt, Swin) whose third stage is routed.
 
     Subclasses set ``model_cls`` (the full model), ``stage_cls``, ``block_cls`` (the block

@@ -289,8 +289,9 @@ class ViTFamily(TokenFamily):
             return self.model.norm(x)
         return self.record_pass(run)
 
-    def num_positions(self) -> int:
-        return int(self.model.patch_embed.num_patches)
+    def patch_grid(self) -> tuple[int, int]:
+        h, w = self.model.patch_embed.grid_size
+        return int(h), int(w)
 
     def width(self) -> int:
         """Channels of the tokens."""

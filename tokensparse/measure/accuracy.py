@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..data import ImageNetFolder, data_config, dataset_files, split_dataset, worker_error_message
 from ..errors import TokenSparseError
-from ..utils import positive_int, progress_bar
+from ..utils import output_logits, positive_int, progress_bar
 from ._common import eval_mode, measurement_device
 
 
@@ -64,7 +64,7 @@ def _predict_many(models: Mapping[str, nn.Module], images_dir: str | Path,
                 progress_bar("accuracy", len(data), progress) as advance:
             for inputs, target in loader:
                 for mid, m in unique.items():
-                    logits = m(inputs[groups.index(keys[mid])].to(dev))
+                    logits = output_logits(m(inputs[groups.index(keys[mid])].to(dev)))
                     _check_classes(logits, len(dataset.classes), dataset.root)
                     _check_finite(logits, names[mid], data, done)
                     topk[mid].append(logits.topk(min(5, logits.shape[-1]), dim=-1).indices.cpu())

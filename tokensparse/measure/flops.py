@@ -4,11 +4,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import timm.data
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..data import data_config
 from ..errors import TokenSparseError
 from ._common import eval_mode
 
@@ -49,8 +49,8 @@ def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) from the model's resolved timm data config."""
-    size = timm.data.resolve_data_config({}, model=model)["input_size"]
+    """(C, H, W) from the model's data config (:func:`tokensparse.data.data_config`)."""
+    size = data_config(model)["input_size"]
     return (int(size[0]), int(size[1]), int(size[2]))
 
 

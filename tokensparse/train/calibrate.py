@@ -77,14 +77,15 @@ class CalibrateConfig(LearningConfig):
 
 @dataclass
 class TeacherCache:
-    """Per image: tokens (or feature map) entering block ``start``, teacher logits and final tokens.
+    """Per image: tokens (or feature map) entering block ``start``, teacher logits (None for a model
+    without a classification head) and final tokens.
 
     ``stage_tokens`` / ``stage_scores``: per location, the teacher's patch tokens entering
     that block and its head-averaged class attention over them (imitation warm-start).
     """
     start: int
     inputs: Tensor
-    logits: Tensor
+    logits: Tensor | None
     tokens: Tensor
     stage_tokens: list[Tensor]
     stage_scores: list[Tensor]
@@ -134,13 +135,14 @@ def cache_teacher(model: nn.Module, dataset: Dataset, locations: list[int], batc
             images = images.to(device)
             for view in ([images, images.flip(-1)] if flip else [images]):
                 if imitation:  # one full pass; the hooks keep what the warm start needs
-                    feats = model.forward_features(view)
+                    feats = family.forward_features(view)
                     inputs.append(recorders[start].tokens[-1])
                 else:
                     h = family.run_to(view, start)
                     inputs.append(h.cpu())
                     feats = family.features_from(h, start)
-                logits.append(model.forward_head(feats).cpu())
+                if family.has_head:
+                    logits.append(family.forward_head(feats).cpu())
                 tokens.append(family.feature_tokens(feats).cpu())
             if progress is not None:
                 progress(len(images))
@@ -149,7 +151,8 @@ def cache_teacher(model: nn.Module, dataset: Dataset, locations: list[int], batc
             restore(model)
     stage_tokens = [torch.cat(recorders[b].tokens)[:, P:] for b in locations] if imitation else []
     stage_scores = [torch.cat(recorders[b].scores)[:, P:] for b in locations] if imitation else []
-    return TeacherCache(start, torch.cat(inputs), torch.cat(logits), torch.cat(tokens), stage_tokens, stage_scores)
+    return TeacherCache(start, torch.cat(inputs), torch.cat(logits) if logits else None, torch.cat(tokens),
+                        stage_tokens, stage_scores)
 
 
 def imitate_class_attention(stage_map: dict[int, dv.PredictionModule], cache: TeacherCache, epochs: int,
@@ -201,8 +204,11 @@ def check_output_file(out: str | Path) -> Path:
 
 
 def forward_from(model: nn.Module, h: Tensor, start: int) -> Tensor:
-    """Logits of a patched model run from block ``start`` on ``h``; records its final tokens."""
-    return model.forward_head(get_family(model).features_from(h, start))
+    """Logits of a patched model run from block ``start`` on ``h`` (its final tokens for a model
+    without a classification head); records its final tokens."""
+    family = get_family(model)
+    features = family.features_from(h, start)
+    return family.forward_head(features) if family.has_head else features
 
 
 def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dynamicvit",
@@ -210,9 +216,11 @@ def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dyna
               progress: bool = True, device: str = "cpu") -> nn.Module:
     """Train DynamicViT's new parts for ``model`` by distillation from its unreduced self.
 
-    ``model``: an unpatched timm ViT, ConvNeXt or Swin classifier with trained weights
-    (patched here with ``method``, e.g. ``"dynamicvit:rho=0.7"``), or one already patched with
-    ``dynamicvit``. ``dataset`` items are ``(image tensor, anything)``: labels are not used.
+    ``model``: an unpatched timm ViT, ConvNeXt or Swin classifier or transformers vision model with
+    trained weights (patched here with ``method``, e.g. ``"dynamicvit:rho=0.7"``), or one already
+    patched with ``dynamicvit``. ``dataset`` items are ``(image tensor, anything)``: labels are
+    not used. A transformers model without a classification head (``ViTModel``, ``CLIPVisionModel``,
+    ...) is distilled on its final tokens alone (the logit KL needs logits; ``token_weight`` > 0).
     Writes the learned parts to ``out`` (safetensors) if given; its folder is checked to be
     writable before any work. Returns the patched model in eval mode.
 
@@ -231,6 +239,9 @@ def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dyna
         base = model
     if len(dataset) == 0:
         raise TokenSparseError("calibration needs at least one image")
+    if not get_family(base).has_head and cfg.epochs > 0 and not cfg.token_weight:
+        raise TokenSparseError(f"this {type(base).__name__} has no classification head, so calibration distils its "
+                               f"final tokens: token_weight must be > 0, got {cfg.token_weight!r}")
     base.to(dev)
     seed_everything(cfg.seed)
     imitation = cfg.imitation_epochs > 0
@@ -261,7 +272,8 @@ def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dyna
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, WarmupCosine(round(cfg.warmup_epochs * per_epoch), total, cfg.min_lr / cfg.lr))
     ratio_weight = dv.default_ratio_weight(model) if cfg.ratio_weight is None else cfg.ratio_weight
-    loss_fn = DynamicViTLoss(ratio_weight, cfg.distill_weight, cfg.token_weight, ce_weight=0.0)
+    distill_weight = cfg.distill_weight if cache.logits is not None else 0.0
+    loss_fn = DynamicViTLoss(ratio_weight, distill_weight, cfg.token_weight, ce_weight=0.0)
     step = 0
     try:
         with progress_bar("calibrate", total, progress) as advance:
@@ -272,7 +284,8 @@ def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dyna
                     seed_everything(mix_seed(cfg.seed, step, 11))
                     logits = forward_from(model, cache.inputs[idx].to(dev), start)
                     outputs = dv.train_outputs(model)
-                    loss, parts = loss_fn(logits, None, outputs, cache.logits[idx].to(dev), cache.tokens[idx].to(dev))
+                    teacher = None if cache.logits is None else cache.logits[idx].to(dev)
+                    loss, parts = loss_fn(logits, None, outputs, teacher, cache.tokens[idx].to(dev))
                     if not torch.isfinite(loss.detach()):
                         shown = ", ".join(f"{k} {float(v):.4g}" for k, v in parts.items() if k != "ce")
                         raise non_finite_error(f"the loss is not finite ({float(loss.detach()):.4g}: {shown})", epoch)
@@ -302,6 +315,6 @@ def method_plan(model: nn.Module, method: str) -> dict[int, float]:
     if not method_obj.supports_family(type(family)):
         raise TokenSparseError(f"method 'dynamicvit' does not support {family.name} models; it supports: "
                                f"{', '.join(supported_families(dv.DynamicViT))}")
-    if not hasattr(model, "forward_head"):
+    if not family.has_head and not isinstance(family, TokenFamily):
         raise TokenSparseError("calibration needs a full classifier (with its head), not a features_only model")
     return method_obj.plan(family)

@@ -37,10 +37,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..api import is_patched, patch
 from ..errors import TokenSparseError
+from ..families import get_family
 from ..methods import dynamicvit as dv
 from ..models import describe_load_error
 from ..spec import parse_spec
-from ..utils import atomic_write, check_writable_folder, progress_bar, remove_stale_temp_files
+from ..utils import atomic_write, check_writable_folder, output_logits, progress_bar, remove_stale_temp_files
 from .config import LearningConfig, check_bool, check_int, check_number
 from .losses import DynamicViTLoss, Teacher
 
@@ -310,6 +311,9 @@ def _prepare(model: nn.Module, method: str) -> tuple[nn.Module, Teacher]:
     name, _ = parse_spec(method)
     if name != "dynamicvit":
         raise TokenSparseError(f"training supports the learned method 'dynamicvit', got {name!r}")
+    if not get_family(model).has_head:
+        raise TokenSparseError(f"training needs a classifier (its cross-entropy needs logits); this "
+                               f"{type(model).__name__} has no classification head")
     teacher = Teacher(model)
     return patch(model, method), teacher
 
@@ -501,7 +505,7 @@ def finetune_dynamicvit(model: nn.Module, dataset: Dataset, out_dir: str | Path,
                 images, labels = images.to(info.device), labels.to(info.device)
                 with autocast:
                     t_logits, t_tokens = teacher(images)
-                    logits = net(images)
+                    logits = output_logits(net(images))
                     outputs = dv.train_outputs(model)
                     loss, parts = loss_fn(logits, labels, outputs, t_logits, t_tokens)
                 if not _all_ranks(info, torch.isfinite(loss.detach())):

@@ -75,7 +75,7 @@ class DynamicViTLoss(nn.Module):
         if self.ratio_weight:
             parts["ratio"] = ratio_loss(outputs.masks, outputs.targets)
         if self.distill_weight or self.token_weight:
-            if teacher_logits is None or teacher_tokens is None:
+            if (self.distill_weight and teacher_logits is None) or (self.token_weight and teacher_tokens is None):
                 raise TokenSparseError("distillation weights are set but no teacher outputs were given")
             if self.distill_weight:
                 parts["kl"] = logit_distillation(logits, teacher_logits)
@@ -101,12 +101,12 @@ class Teacher(nn.Module):
         if is_patched(self.model):
             unpatch(self.model)
         self.model.eval().requires_grad_(False)
-        self.feature_tokens = get_family(self.model).feature_tokens
+        self.family = get_family(self.model)
 
     def train(self, mode: bool = True) -> Teacher:  # always eval
         return super().train(False)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        features = self.model.forward_features(x)
-        return self.model.forward_head(features), self.feature_tokens(features)
+        features = self.family.forward_features(x)
+        return self.family.forward_head(features), self.family.feature_tokens(features)
