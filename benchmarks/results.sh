@@ -28,6 +28,9 @@ for run in 1 2; do  # the model-family redesign: the code before it and now, int
   record "refactor_speed_run$run" python benchmarks/refactor_speed.py --before f0b9bf1 --method tome:r=13 \
     --method evit:keep_rate=0.7 --method ppt --method evovit --method dynamicvit:rho=0.7
 done
+for run in 1 2 3; do  # transformers ViT-S: speed-ups against the same methods on timm, all in one process
+  record "hf_speed_run$run" python benchmarks/hf_speed.py --method tome:r=13 --method evit:keep_rate=0.7 --runs 20
+done
 record overhead_limit python benchmarks/overhead_limit.py --method tome:r=13 --method evit:keep_rate=0.7 --method ppt
 
 # ViT-Tiny accuracy on the 500 shared images
@@ -35,6 +38,10 @@ record vit_tiny_accuracy tokensparse bench --model vit_tiny_patch16_224.augreg_i
   --images "$I/images" --wnids "$I/wnids.txt" --threads 2 --method tome:r=13 --method evit:keep_rate=0.7 \
   --method topk:keep_rate=0.7 --method ppt --method evovit --method evovit:keep_rate=0.7 \
   --json "$OUT/vit_tiny_accuracy.json"
+python benchmarks/hf_convert_vit_tiny.py --weights "$W" --out "$OUT/.vit-tiny-hf" > /dev/null
+record hf_vit_tiny_bench tokensparse bench --model "hf:$OUT/.vit-tiny-hf" --images "$I/images" --wnids "$I/wnids.txt" \
+  --threads 2 --batch-size 64 --json "$OUT/hf_vit_tiny_bench.json"
+rm -rf "$OUT/.vit-tiny-hf"
 record ppt_branches python benchmarks/ppt_branches.py
 record evovit_accuracy python benchmarks/evovit_accuracy.py
 record dynamicvit_calibrate python benchmarks/dynamicvit_calibrate.py --threads 2 --out "$OUT/.dvit.safetensors"

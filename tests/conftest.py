@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
@@ -64,3 +65,17 @@ def vit_tiny_weights(shared_dir: Path) -> Path:
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture()
+def image_folder(tmp_path) -> Path:
+    """Six random JPEGs in the flat layout with a wnids file (timm's ``test_vit`` resizes them)."""
+    root = tmp_path / "images"
+    root.mkdir()
+    wnids = ["n00000001", "n00000002", "n00000003"]
+    (tmp_path / "wnids.txt").write_text("\n".join(f"{w} class" for w in wnids) + "\n")
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / f"{wnids[i % 3]}_{i}.JPEG")
+    return root

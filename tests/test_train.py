@@ -226,20 +226,6 @@ def test_bad_training_input():
 
 # ----------------------------------------------------------------------------- CLI
 
-@pytest.fixture()
-def image_folder(tmp_path) -> Path:
-    """Six random JPEGs in the flat layout with a wnids file."""
-    root = tmp_path / "images"
-    root.mkdir()
-    wnids = ["n00000001", "n00000002", "n00000003"]
-    (tmp_path / "wnids.txt").write_text("\n".join(f"{w} class" for w in wnids) + "\n")
-    g = torch.Generator().manual_seed(0)
-    for i in range(6):
-        arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(root / f"{wnids[i % 3]}_{i}.JPEG")
-    return root
-
-
 def test_cli_calibrate_and_train(image_folder, tmp_path, capsys):
     """timm's 6-block ``test_vit`` (160 px, 100 patches) with random weights: a smoke run of both commands."""
     rc = main(["calibrate", "--model", "test_vit", "--images", str(image_folder), "--method", "dynamicvit:rho=0.5",

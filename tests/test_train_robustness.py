@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 from torch.utils.data import Dataset, TensorDataset
 
@@ -68,20 +67,6 @@ class Counting(Dataset):
     def __getitem__(self, i: int):
         self.reads += 1
         return self.inner[i]
-
-
-@pytest.fixture()
-def image_folder(tmp_path) -> Path:
-    """Six random JPEGs in the flat layout with a wnids file (timm's ``test_vit`` resizes them)."""
-    root = tmp_path / "images"
-    root.mkdir()
-    wnids = ["n00000001", "n00000002", "n00000003"]
-    (tmp_path / "wnids.txt").write_text("\n".join(f"{w} class" for w in wnids) + "\n")
-    g = torch.Generator().manual_seed(0)
-    for i in range(6):
-        arr = (torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(root / f"{wnids[i % 3]}_{i}.JPEG")
-    return root
 
 
 def cli_error(argv: list[str], capsys) -> str:

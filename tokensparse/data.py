@@ -29,7 +29,7 @@ from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import make_dataset
 
 from .errors import TokenSparseError
-from .families.hf import hf_data_config, is_transformers_model
+from .families.hf import hf_data_config, hf_input_size, is_transformers_model
 from .utils import positive_int
 
 __all__ = [
@@ -335,6 +335,13 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     if is_transformers_model(model):
         return hf_data_config(model)
     return timm.data.resolve_data_config({}, model=model)
+
+
+def input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` of ``model``'s input: timm's data config, or a transformers model's configured size
+    (no image processor needed)."""
+    size = hf_input_size(model) if is_transformers_model(model) else data_config(model)["input_size"]
+    return int(size[0]), int(size[1]), int(size[2])
 
 
 def model_transform(model: nn.Module, training: bool = False) -> Callable[[Image.Image], Any]:

@@ -176,6 +176,17 @@ def processor_data_config(settings: Mapping[str, Any]) -> dict[str, Any]:
             "crop_pct": pct, "crop_mode": mode}
 
 
+def hf_input_size(model: nn.Module) -> tuple[int, int, int]:
+    """``(C, H, W)`` the transformers ``model`` is configured for (its vision config's ``image_size``)."""
+    config = getattr(model, "config", None)
+    config = getattr(config, "vision_config", None) or config
+    size = getattr(config, "image_size", None)
+    if size is None:
+        raise TokenSparseError(f"cannot tell the input size of this {type(model).__name__}: its config has no image_size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(getattr(config, "num_channels", 3)), int(h), int(w)
+
+
 def hf_data_config(model: nn.Module) -> dict[str, Any]:
     """The preprocessing of a transformers ``model`` as a timm-style data config
     (:func:`processor_data_config`), from the image processor saved where the model was loaded from
@@ -218,6 +229,7 @@ __all__ = [
     "HFViTFamily",
     "hf_data_config",
     "hf_family",
+    "hf_input_size",
     "is_transformers_model",
     "processor_data_config",
     "transformers_class",

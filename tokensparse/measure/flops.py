@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..data import data_config
+from ..data import input_size
 from ..errors import TokenSparseError
 from ._common import eval_mode
 
@@ -49,9 +49,8 @@ def count_flops(model: nn.Module, inputs: torch.Tensor) -> int:
 
 
 def model_input_size(model: nn.Module) -> tuple[int, int, int]:
-    """(C, H, W) from the model's data config (:func:`tokensparse.data.data_config`)."""
-    size = data_config(model)["input_size"]
-    return (int(size[0]), int(size[1]), int(size[2]))
+    """(C, H, W) of the model's input (:func:`tokensparse.data.input_size`)."""
+    return input_size(model)
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
