@@ -1,18 +1,13 @@
 """Real accuracy: ViT-Tiny with the shared pretrained weights on the 500 shared ImageNet images.
 
-One pass over the images evaluates every training-free method (each image decoded once).
-Bounds are the issues' acceptance criteria, in top-1 points below the unreduced model.
+The passes come from the session fixture ``vit_tiny_real`` (conftest.py: each image decoded and
+preprocessed once, one pass per method, shared with the other real-weights tests; the
+library's own ``evaluate_many`` is checked on real weights in test_measure.py). Bounds are the
+issues' acceptance criteria, in top-1 points below the unreduced model.
 """
 from __future__ import annotations
 
-import copy
-
 import pytest
-from conftest import VIT_TINY
-
-import tokensparse
-from tokensparse.measure import evaluate_many
-from tokensparse.models import create_model
 
 # spec -> allowed top-1 drop (points) vs. unreduced
 BOUNDS = {
@@ -21,22 +16,14 @@ BOUNDS = {
 }
 
 
-@pytest.fixture(scope="module")
-def results(vit_tiny_weights, images_dir, wnids_file):
-    base = create_model(VIT_TINY, weights=vit_tiny_weights)
-    models = {"none": base}
-    for spec in BOUNDS:
-        models[spec] = tokensparse.patch(copy.deepcopy(base), spec)
-    return evaluate_many(models, images_dir, wnids_file, reference_key="none", progress=False)
-
-
-def test_unreduced_matches_reference_accuracy(results):
-    assert results["none"]["n"] == 500
-    assert results["none"]["top1"] == pytest.approx(82.6, abs=0.01)
+def test_unreduced_matches_reference_accuracy(vit_tiny_real):
+    assert len(vit_tiny_real.labels) == 500
+    assert vit_tiny_real.top1("none") == pytest.approx(82.6, abs=0.01)
 
 
 @pytest.mark.parametrize("spec", list(BOUNDS))
-def test_reduced_accuracy_within_bound(results, spec):
-    drop = results["none"]["top1"] - results[spec]["top1"]
-    assert drop <= BOUNDS[spec], f"{spec}: top-1 {results[spec]['top1']:.1f} (drop {drop:.1f})"
-    assert results[spec]["agreement"] >= 85.0
+def test_reduced_accuracy_within_bound(vit_tiny_real, spec):
+    top1 = vit_tiny_real.top1(spec)
+    drop = vit_tiny_real.top1("none") - top1
+    assert drop <= BOUNDS[spec], f"{spec}: top-1 {top1:.1f} (drop {drop:.1f})"
+    assert vit_tiny_real.agreement(spec) >= 85.0

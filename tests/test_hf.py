@@ -7,22 +7,21 @@ two run the same kernel on the same tensors (here: bit-identical). Against an ea
 reference they differ by summation order (measured up to 1.1e-6 on these configs, inside
 the 1e-5 bound).
 
-The real-weights part is 12 passes of ViT-Tiny over the 500 shared images (timm and
-transformers, unreduced and with five methods): about 210 CPU-seconds.
+The real-weights part is six passes of the transformers ViT-Tiny over the 500 shared images
+(unreduced and with five methods), compared with the timm passes every real-weights test
+shares (conftest.py: ``vit_tiny_real``).
 """
 from __future__ import annotations
 
 import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import timm
 import torch
 import transformers as T
-from conftest import VIT_TINY
-from PIL import Image
+from conftest import REAL_SPECS, VIT_TINY, run_batches
 
 import tokensparse
 from tokensparse import TokenSparseError
@@ -367,39 +366,29 @@ def test_import_and_listing_work_without_transformers():
 
 # ----------------------------------------------------------------------------- real weights
 
-TRAINING_FREE = ["topk", "evit", "tome:r=13", "ppt", "evovit:keep_rate=0.7"]
+TRAINING_FREE = list(REAL_SPECS)  # topk, evit at keep 0.7, tome:r=13, ppt, evovit:keep_rate=0.7
 
 
 @pytest.fixture(scope="module")
-def real_predictions(vit_tiny_weights, sample_images, tmp_path_factory):
-    """Top-1 of timm ViT-Tiny and of its transformers conversion (saved and loaded back), unreduced and
-    with each training-free method, on the 500 shared images (timm's preprocessing for both)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        tm = timm.create_model(VIT_TINY, pretrained=True,
-                               pretrained_cfg_overlay={"file": str(vit_tiny_weights)}).eval()
-        out = tmp_path_factory.mktemp("vit-tiny-hf")
-        vit_from_timm(tm).save_pretrained(out)
-        hf = T.ViTForImageClassification.from_pretrained(out).eval()
-        transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=tm))
-        files = sorted(Path(sample_images).iterdir())
-        images = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
-        runs = {"timm": lambda b: tm(b), "hf": lambda b: hf(pixel_values=b).logits}
-        preds: dict[str, torch.Tensor] = {}
-        with torch.inference_mode():
-            for spec in [None, *TRAINING_FREE]:
-                for key, model in (("timm", tm), ("hf", hf)):
-                    if spec is not None:
-                        tokensparse.patch(model, spec)
-                    logits = torch.cat([runs[key](images[i:i + 125]) for i in range(0, len(images), 125)])
-                    preds[key if spec is None else f"{key} {spec}"] = logits.argmax(dim=-1)
-                    if spec is None:
-                        preds[f"{key} logits"] = logits
-                    tokensparse.unpatch(model)
-        return preds
-    finally:
-        torch.set_num_threads(threads)
+def real_predictions(vit_tiny_real, vit_tiny_weights, tmp_path_factory):
+    """Top-1 of timm ViT-Tiny (the shared session passes) and of its transformers conversion (saved and
+    loaded back), unreduced and with each training-free method, on the 500 shared images (timm's
+    preprocessing for both)."""
+    tm = timm.create_model(VIT_TINY, pretrained=True, pretrained_cfg_overlay={"file": str(vit_tiny_weights)}).eval()
+    out = tmp_path_factory.mktemp("vit-tiny-hf")
+    vit_from_timm(tm).save_pretrained(out)
+    hf = T.ViTForImageClassification.from_pretrained(out).eval()
+    preds: dict[str, torch.Tensor] = {"timm logits": vit_tiny_real.logits["none"]}
+    for spec in [None, *TRAINING_FREE]:
+        if spec is not None:
+            tokensparse.patch(hf, spec)
+        logits = run_batches(hf, vit_tiny_real.images)
+        tokensparse.unpatch(hf)
+        preds["hf" if spec is None else f"hf {spec}"] = logits.argmax(dim=-1)
+        preds["timm" if spec is None else f"timm {spec}"] = vit_tiny_real.logits[spec or "none"].argmax(dim=-1)
+        if spec is None:
+            preds["hf logits"] = logits
+    return preds
 
 
 def test_converted_vit_predicts_like_timm(real_predictions):

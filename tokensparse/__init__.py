@@ -6,6 +6,7 @@
 """
 from .api import info, is_patched, list_methods, location_records, patch, patched_method, token_state, unpatch
 from .errors import TokenSparseError
+from .export import export_onnx
 from .methods import MethodInfo
 from .spec import format_spec, parse_spec
 from .state import LocationInfo
@@ -17,6 +18,7 @@ __all__ = [
     "MethodInfo",
     "TokenSparseError",
     "__version__",
+    "export_onnx",
     "format_spec",
     "info",
     "is_patched",

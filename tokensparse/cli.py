@@ -1,4 +1,4 @@
-"""Command line interface: ``tokensparse bench | calibrate | train | viz | sweep``.
+"""Command line interface: ``tokensparse bench | calibrate | train | viz | sweep | export``.
 
 One ``add_<command>_parser`` / ``cmd_<command>`` pair per subcommand. Bad input (a
 :class:`TokenSparseError` or a bad argument) prints one ``error: ...`` line on stderr and
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -21,9 +22,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import __version__
-from .api import list_methods
+from .api import list_methods, patch
 from .data import ImageNetFolder, check_class_count, image_dataset, worker_error_message
 from .errors import TokenSparseError
+from .export import export_onnx
 from .families import get_family
 from .measure import BASELINE, build_variants, measure_variants, measurement_device, random_predictors, wide_spread
 from .methods import get_method
@@ -246,15 +248,16 @@ def bench_table(args: argparse.Namespace, rows: Sequence[dict[str, Any]], thread
     table = Table(
         title=f"{args.model} | batch {args.batch_size} | {threads} threads | {args.device} "
               f"{args.dtype} | median of {args.runs}",
-        caption="GMACs = FLOPs/2 per image from a real forward pass; speed-up vs unreduced, "
+        caption="GMACs = FLOPs/2 per image from a real forward pass; ms/batch = median latency of one batch; "
+                "speed-up vs unreduced, "
                 "timed interleaved in one process (median; range: lowest-highest of the runs, each "
                 "against the unreduced model timed in the same run); agree = % same top-1 as unreduced")
     table.add_column("method", overflow="fold")
-    for header in ("GMACs", "img/s", "speed-up", "range", "top-1 %", "top-5 %", "agree %"):
+    for header in ("GMACs", "img/s", "ms/batch", "speed-up", "range", "top-1 %", "top-5 %", "agree %"):
         table.add_column(header, justify="right")
     for r in rows:
         label = r["method"] + (" (random predictors)" if r.get("random_predictors") else "")
-        table.add_row(label, fmt(r["gmacs"], 3), fmt(r["img_per_s"], 1), *speedup_text(r),
+        table.add_row(label, fmt(r["gmacs"], 3), fmt(r["img_per_s"], 1), fmt(r.get("latency_ms"), 1), *speedup_text(r),
                       fmt(r["top1"], 1), fmt(r["top5"], 1), fmt(r["agreement"], 1))
     return table
 
@@ -269,9 +272,15 @@ def spread_warning(rows: Sequence[dict[str, Any]]) -> str:
             f"changed speed while timing; close other work and run again, and compare runs before trusting them")
 
 
+def table_console() -> Console:
+    """A console for wide tables: the terminal's width (or ``COLUMNS``), else 120 columns when the output is
+    not a terminal (a file, a pipe: rows are not folded to a default 80)."""
+    return Console() if sys.stdout.isatty() or os.environ.get("COLUMNS") else Console(width=120)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run ``tokensparse bench``."""
-    console = Console()
+    console = table_console()
     specs = normalise_specs(args.method) if args.method else None
     measurement_device(args.device)  # a bad or unusable device fails before anything is loaded
     if args.json is not None:
@@ -482,6 +491,54 @@ def cmd_viz(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- export
+
+def add_export_parser(subparsers: Any) -> None:
+    """``tokensparse export``: the reduced model as an ONNX file, checked with onnxruntime."""
+    p = command_parser(
+        subparsers, "export", cmd_export, help="export a reduced model to ONNX (checked with onnxruntime)",
+        description="Patch the model with --method (or 'none'), export it with torch.onnx (dynamo), run the "
+                    "file with onnxruntime on a random batch and fail if it differs from PyTorch by more than "
+                    "--atol. Prints the file's inputs and outputs. Needs tokensparse[export].")
+    p.add_argument("--method", required=True, metavar="SPEC", help="method spec, e.g. tome:r=13, or none")
+    p.add_argument("--out", type=Path, required=True, metavar="FILE.onnx", help="ONNX file to write")
+    batch = p.add_mutually_exclusive_group()
+    batch.add_argument("--batch-size", type=positive_int, metavar="N", help="a fixed batch of N images")
+    batch.add_argument("--dynamic-batch", action="store_true", help="a dynamic batch dimension (the default)")
+    p.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"),
+                   help="input height and width (default: the model's)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest difference allowed (default: 1e-4)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Run ``tokensparse export``."""
+    name, options = parse_spec(args.method)
+    label = format_spec(name, options)
+    if label != BASELINE:
+        get_method(name)  # unknown method: fail before building the model
+    if not args.atol > 0:
+        raise TokenSparseError(f"--atol must be > 0, got {args.atol!r}")
+    out = check_output_path(args.out, "ONNX file")
+    model = load_model(args)
+    if label != BASELINE:
+        patch(model, label)
+    dynamic = args.batch_size is None
+    report = export_onnx(model, out, batch_size=2 if dynamic else args.batch_size, dynamic_batch=dynamic,
+                         image_size=args.image_size, atol=args.atol)
+    console = Console()
+    table = Table(title=f"{out} | {args.model} | {label}")
+    for header in ("", "name", "shape"):
+        table.add_column(header)
+    for kind, items in (("input", report.inputs), ("output", report.outputs)):
+        for item_name, shape in items:
+            table.add_row(kind, item_name, "(" + ", ".join(map(str, shape)) + ")")
+    console.print(table)
+    console.print(f"onnxruntime matches PyTorch on a batch of {report.check_batch}: largest difference "
+                  f"{report.max_difference:.2g} (allowed {args.atol:g})")
+    console.print(f"wrote {out}")
+    return 0
+
+
 def add_sweep_parser(subparsers: Any) -> None:
     """``tokensparse sweep``: accuracy vs speed-up over each method's main knob."""
     p = command_parser(
@@ -542,6 +599,7 @@ def build_parser() -> ArgumentParser:
     add_calibrate_parser(subparsers)
     add_viz_parser(subparsers)
     add_sweep_parser(subparsers)
+    add_export_parser(subparsers)
     return parser
 
 

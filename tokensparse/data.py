@@ -338,9 +338,15 @@ def data_config(model: nn.Module) -> dict[str, Any]:
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` of ``model``'s input: timm's data config, or a transformers model's configured size
-    (no image processor needed)."""
-    size = hf_input_size(model) if is_transformers_model(model) else data_config(model)["input_size"]
+    """``(C, H, W)`` of ``model``'s input: timm's data config (the patch embedding's image size where a
+    timm model was built for another one, e.g. ``img_size=64``), or a transformers model's configured
+    size (no image processor needed)."""
+    if is_transformers_model(model):
+        return hf_input_size(model)
+    size = data_config(model)["input_size"]
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(built, tuple) and len(built) == 2 and getattr(model.patch_embed, "strict_img_size", False):
+        size = (size[0], *built)
     return int(size[0]), int(size[1]), int(size[2])
 
 

@@ -35,6 +35,12 @@ def _temp_name(name: str) -> str:
     return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
 
 
+def temp_path(path: str | os.PathLike[str]) -> Path:
+    """A fresh temporary file name beside ``path`` (removed by :func:`remove_stale_temp_files` if left)."""
+    p = Path(path)
+    return p.parent / _temp_name(p.name)
+
+
 def _temp_pattern(name: str) -> re.Pattern[str]:
     """Matches exactly the temporary names :func:`_temp_name` makes for ``name``."""
     return re.compile(rf"\.{re.escape(name)}\.[0-9a-f]{{12}}\.tmp")

@@ -155,8 +155,8 @@ class HFTokenLayer(nn.Module):
         return y
 
     def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any, **kwargs: Any) -> Tensor:
-        if attention_mask is not None:
-            raise TokenSparseError(MASK_ERROR)
+        # A user's attention mask is refused by the model (refuse_outputs); what reaches a layer is the
+        # all-attend mask transformers builds itself while tracing (torch.export, ONNX), so it is ignored.
         if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             raise checkpointing_error()
         lay = self.layout
@@ -181,7 +181,10 @@ class HFTokenLayer(nn.Module):
 # ----------------------------------------------------------------------------- models
 
 def refuse_outputs(model: nn.Module, kwargs: dict[str, Any]) -> None:
-    """Refuse per-layer outputs a reduced model cannot give (clear error, not silently empty tuples)."""
+    """Refuse per-layer outputs a reduced model cannot give (clear error, not silently empty tuples), and
+    attention masks (every token attends to all)."""
+    if kwargs.get("attention_mask") is not None:
+        raise TokenSparseError(MASK_ERROR)
     config = getattr(model, "config", None)
     for name in ("output_attentions", "output_hidden_states"):
         if kwargs.get(name, getattr(config, name, False)):

@@ -1,11 +1,11 @@
 """Trustworthy measurement: FLOPs from a real forward pass, interleaved throughput, accuracy."""
 from ..data import ImageNetFolder, read_wnids
-from ._common import check_finite_parameters, measurement_device
+from ._common import check_finite_parameters, eval_mode, measurement_device
 from .accuracy import evaluate, evaluate_many
 from .compare import BASELINE, build_variants, measure_variants, random_predictors, wide_spread
 from .flops import count_flops, gmacs
 from .speed import compare_throughput, speedup_range, timed_runs
 
 __all__ = ["BASELINE", "ImageNetFolder", "build_variants", "check_finite_parameters", "compare_throughput", "count_flops",
-           "evaluate", "evaluate_many", "gmacs", "measure_variants", "measurement_device", "random_predictors",
+           "eval_mode", "evaluate", "evaluate_many", "gmacs", "measure_variants", "measurement_device", "random_predictors",
            "read_wnids", "speedup_range", "timed_runs", "wide_spread"]

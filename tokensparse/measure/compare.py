@@ -26,7 +26,8 @@ from .speed import speedup_range, throughput, timed_runs
 BASELINE = "none"
 """The name of the unreduced model among the variants (``--method none``)."""
 
-METRICS = ("gmacs", "img_per_s", "speedup", "top1", "top5", "agreement", "speedup_low", "speedup_high")
+METRICS = ("gmacs", "img_per_s", "latency_ms", "speedup", "top1", "top5", "agreement", "speedup_low",
+           "speedup_high")
 """The keys of every entry :func:`measure_variants` returns."""
 
 WIDE_SPREAD = 0.10
@@ -65,10 +66,11 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
                      warmup: int = 2, progress: bool = True) -> dict[str, dict[str, float | None]]:
     """Measure every model against ``models[baseline_key]`` (typically the unreduced model).
 
-    Returns ``{name: {"gmacs", "img_per_s", "speedup", "top1", "top5", "agreement",
+    Returns ``{name: {"gmacs", "img_per_s", "latency_ms", "speedup", "top1", "top5", "agreement",
     "speedup_low", "speedup_high"}}`` in the order of ``models``: GMACs per image from a real
     forward pass (:func:`gmacs`), images per second timed interleaved in one process
-    (:func:`compare_throughput`, median of ``runs`` after ``warmup``; ``speedup`` relative to
+    (:func:`compare_throughput`, median of ``runs`` after ``warmup``; ``latency_ms`` the median
+    milliseconds of one batch, so ``batch_size=1`` gives the latency; ``speedup`` relative to
     the baseline, ``speedup_low`` / ``speedup_high`` the lowest and highest speed-up in one
     round, :func:`speedup_range`), and with ``images`` top-1, top-5 and agreement with the
     baseline in one pass over the folder (:func:`evaluate_many`, first ``limit`` images);
@@ -99,7 +101,8 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
     speed = throughput(times, batch_size)
     for name, ips in speed.items():
         low, high = speedup_range(times, baseline_key, name)
-        out[name].update(img_per_s=ips, speedup=ips / speed[baseline_key], speedup_low=low, speedup_high=high)
+        out[name].update(img_per_s=ips, latency_ms=1000.0 * batch_size / ips, speedup=ips / speed[baseline_key],
+                         speedup_low=low, speedup_high=high)
     if images is not None:
         accuracy: dict[str, Any] = evaluate_many(
             models, images, wnids, reference_key=baseline_key, batch_size=batch_size,

@@ -1,0 +1,153 @@
+"""Deploy: every method's eval path on every family it supports compiles with
+``torch.compile(fullgraph=True)`` (no graph break: no data-dependent Python control flow or
+host synchronisation) and exports to ONNX with a dynamic batch (exported at batch 2, run by
+onnxruntime at batch 3), both within 1e-4 of eager PyTorch.
+
+Tiny configs keep this inside the CI budget: ``fullgraph=True`` capture is checked for every
+(family, method) pair with the ``eager`` backend (dynamo traces the whole model; no C++
+compilation) and for PPT through AOT autograd (``aot_eager``). An ONNX export takes 15-25 s
+even for these tiny models, so CI exports one case per kind of family (a timm ViT with PPT,
+Swin's routed stage, a transformers ViT through the CLI);
+``benchmarks/deploy_matrix.py`` exports and checks every pair (``deploy_matrix.txt``).
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import pytest
+import timm
+import torch
+import transformers as T
+from torch import nn
+
+import tokensparse
+from tokensparse import TokenSparseError
+from tokensparse.cli import main
+from tokensparse.export import TensorOutputs, export_onnx
+
+VIT = {"img_size": 32, "patch_size": 8, "depth": 4, "embed_dim": 32, "num_heads": 2, "num_classes": 10}
+HF = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
+      "attn_implementation": "sdpa"}
+
+
+def _levit() -> nn.Module:
+    model = timm.create_model("levit_128s", img_size=64, num_classes=4)
+    with torch.no_grad():  # non-trivial attention biases and batch-norm statistics
+        for name, p in model.named_parameters():
+            if "attention_biases" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+BUILDERS: dict[str, Callable[[], nn.Module]] = {
+    "vit": lambda: timm.create_model("vit_tiny_patch16_224", **VIT),
+    "levit": _levit,
+    "convnext": lambda: timm.create_model("convnext_tiny", depths=(1, 1, 4, 1), dims=(16, 32, 64, 128),
+                                          num_classes=10, ls_init_value=0.5),
+    "swin": lambda: timm.create_model("swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1, 4, 1),
+                                      num_heads=(1, 2, 4, 8), window_size=4, img_size=128, num_classes=10),
+    "hf-vit": lambda: T.ViTForImageClassification(T.ViTConfig(**HF, intermediate_size=64, num_labels=5)),
+    "hf-dinov2": lambda: T.Dinov2WithRegistersForImageClassification(
+        T.Dinov2WithRegistersConfig(**HF, mlp_ratio=2, num_register_tokens=2, num_labels=5)),
+    "hf-clip": lambda: T.CLIPVisionModel(T.CLIPVisionConfig(**HF, intermediate_size=64)),
+    "hf-siglip": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**HF, intermediate_size=64)),
+}
+SIZE = {"levit": 64, "convnext": 128, "swin": 128}
+VIT_METHODS = ["topk", "evit", "tome:r=2", "ppt:r=3", "evovit", "dynamicvit"]
+CASES = [
+    *[("vit", m) for m in VIT_METHODS],
+    ("levit", "evovit"), ("levit", "evovit:class_token=mean"),
+    ("convnext", "dynamicvit"), ("swin", "dynamicvit"),
+    *[(f, m) for f in ("hf-vit", "hf-dinov2", "hf-clip") for m in VIT_METHODS],
+    ("hf-siglip", "tome:r=2"), ("hf-siglip", "dynamicvit"),
+]
+
+
+def test_cases_cover_every_supported_method_and_family():
+    """The matrix below is every (family, method) pair the library supports."""
+    covered = {(f, m.split(":")[0]) for f, m in CASES}
+    for info in tokensparse.list_methods():
+        for family, build in BUILDERS.items():
+            if info.supports(build()):
+                assert (family, info.name) in covered, (family, info.name)
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[tuple[str, str], tuple[nn.Module, nn.Module]]:
+    """``(family, spec) -> (patched model, unpatched model)`` in eval mode, built once."""
+    out = {}
+    for family, spec in CASES:
+        torch.manual_seed(0)
+        base = BUILDERS[family]().eval()
+        out[family, spec] = tokensparse.patch(copy.deepcopy(base), spec).eval(), base
+    return out
+
+
+def _inputs(family: str, batch: int) -> torch.Tensor:
+    size = SIZE.get(family, 32)
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+
+
+def _max_diff(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> float:
+    return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize(("family", "spec"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
+def test_compiles_with_fullgraph(models, family, spec):
+    model, _ = models[family, spec]
+    wrapped = TensorOutputs(model).eval()
+    x = _inputs(family, 2)
+    with torch.no_grad():
+        want = wrapped(x)
+        torch._dynamo.reset()
+        got = torch.compile(wrapped, fullgraph=True, backend="eager")(x)
+        assert _max_diff(got, want) <= 1e-4
+    assert tokensparse.location_records(model)  # the method ran
+
+
+def test_ppt_compiles_through_aot_autograd(models):
+    model, _ = models["vit", "ppt:r=3"]
+    x = _inputs("vit", 3)
+    with torch.no_grad():
+        torch._dynamo.reset()
+        assert (torch.compile(model, fullgraph=True, backend="aot_eager")(x) - model(x)).abs().max() <= 1e-4
+
+
+ONNX_CASES = [("vit", "ppt:r=3"), ("swin", "dynamicvit")]
+
+
+@pytest.mark.parametrize(("family", "spec"), ONNX_CASES, ids=[f"{f}-{m}" for f, m in ONNX_CASES])
+def test_onnx_export_runs_in_onnxruntime_with_a_dynamic_batch(models, family, spec, tmp_path):
+    model, _ = models[family, spec]
+    size = SIZE.get(family, 32)
+    report = export_onnx(model, tmp_path / "m.onnx", batch_size=2, dynamic_batch=True, image_size=(size, size))
+    assert report.check_batch == 3 and report.max_difference <= 1e-4
+    assert report.inputs[0][1][0] == "batch"
+
+
+def test_export_checks_and_errors(models, tmp_path, capsys):
+    model, _ = models["vit", "evit"]
+    out = tmp_path / "m.onnx"
+    out.write_bytes(b"old")
+    with pytest.raises(TokenSparseError, match="differs from PyTorch"):
+        export_onnx(model, out, atol=-1.0)  # nothing can pass: the old file stays, no temporary file is left
+    assert out.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    for kwargs, fragment in (({"batch_size": 0}, "batch_size"), ({"batch_size": 1}, "dynamic batch"),
+                             ({"image_size": (32,)}, "image_size")):
+        with pytest.raises(TokenSparseError, match=fragment):
+            export_onnx(model, out, **kwargs)
+    with pytest.raises(TokenSparseError, match="is a folder"):
+        export_onnx(model, tmp_path)
+
+
+def test_export_command_on_a_transformers_model(tmp_path, capsys):
+    folder = tmp_path / "hf"
+    BUILDERS["hf-vit"]().save_pretrained(folder)
+    out = tmp_path / "tiny.onnx"
+    code = main(["export", "--model", f"hf:{folder}", "--method", "tome:r=2", "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    assert out.is_file() and "images" in stdout and "(batch, 3, 32, 32)" in stdout and "logits" in stdout
+    code = main(["export", "--model", f"hf:{folder}", "--method", "nope", "--out", str(out)])
+    assert code == 2 and "nope" in capsys.readouterr().err
