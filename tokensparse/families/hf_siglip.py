@@ -26,16 +26,8 @@ from transformers.models.siglip.modeling_siglip import (
 from ..ops import size_bias
 from ..state import TokenState
 from .hf import HFSiglipFamily
-from .hf_base import HFEncoderFamily, HFTokenAttention, HFTokenLayer, LogitHead, mean_pool_logits
-from .hf_clip import LAYOUT
-
-
-class SiglipTokenAttention(HFTokenAttention):
-    layout = LAYOUT
-
-
-class SiglipTokenLayer(HFTokenLayer):
-    layout = LAYOUT
+from .hf_base import HFEncoderFamily, LogitHead, mean_pool_logits
+from .hf_clip import CLIPTokenAttention, CLIPTokenLayer
 
 
 def probe_attention(mha: nn.MultiheadAttention, query: Tensor, x: Tensor, size: Tensor | None,
@@ -90,8 +82,8 @@ class SiglipTokenHead(nn.Module):
 
 class HFSiglip(HFEncoderFamily, HFSiglipFamily):
     """transformers SigLIP vision tower (no class token)."""
-    layer = SiglipTokenLayer
-    attention = SiglipTokenAttention
+    layer = CLIPTokenLayer  # SigLIP's encoder layers are laid out as CLIP's
+    attention = CLIPTokenAttention
     layer_classes = (SiglipEncoderLayer,)
     attention_classes = (SiglipAttention,)
     encoder_classes = (SiglipVisionModel,)
@@ -105,4 +97,4 @@ class HFSiglip(HFEncoderFamily, HFSiglipFamily):
 
 FAMILY = HFSiglip
 
-__all__ = ["FAMILY", "HFSiglip", "SiglipTokenAttention", "SiglipTokenHead", "SiglipTokenLayer", "probe_attention"]
+__all__ = ["FAMILY", "HFSiglip", "SiglipTokenHead", "probe_attention"]
