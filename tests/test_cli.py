@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tokensparse.cli import main
 
 VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-JSON_KEYS = {"method", "gmacs", "img_per_s", "latency_ms", "speedup", "top1", "top5", "agreement", "speedup_low",
+JSON_KEYS = {"method", "gmacs", "img_per_s", "latency_ms", "compile_s", "speedup", "top1", "top5", "agreement", "speedup_low",
              "speedup_high", "random_predictors"}
 FAST = ["bench", "--model", "vit_tiny_patch16_224", "--batch-size", "2", "--runs", "1",
         "--warmup", "0"]

@@ -13,6 +13,7 @@ Swin's routed stage, a transformers ViT through the CLI);
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 
 import pytest
@@ -141,9 +142,8 @@ def test_export_checks_and_errors(models, tmp_path, capsys):
         export_onnx(model, tmp_path)
 
 
-def test_export_command_on_a_transformers_model(tmp_path, capsys):
-    folder = tmp_path / "hf"
-    BUILDERS["hf-vit"]().save_pretrained(folder)
+def test_export_command_on_a_transformers_model(hf_folder, tmp_path, capsys):
+    folder = hf_folder
     out = tmp_path / "tiny.onnx"
     code = main(["export", "--model", f"hf:{folder}", "--method", "tome:r=2", "--out", str(out)])
     stdout, err = capsys.readouterr()
@@ -151,3 +151,26 @@ def test_export_command_on_a_transformers_model(tmp_path, capsys):
     assert out.is_file() and "images" in stdout and "(batch, 3, 32, 32)" in stdout and "logits" in stdout
     code = main(["export", "--model", f"hf:{folder}", "--method", "nope", "--out", str(out)])
     assert code == 2 and "nope" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def hf_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hf-vit")
+    torch.manual_seed(0)
+    BUILDERS["hf-vit"]().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("runtime", [["--compile", "--compile-backend", "eager"], ["--runtime", "onnxruntime"]],
+                         ids=["compile", "onnxruntime"])
+def test_bench_times_compiled_and_exported_models(hf_folder, tmp_path, capsys, runtime):
+    report = tmp_path / "bench.json"
+    code = main(["bench", "--model", f"hf:{hf_folder}", "--method", "tome:r=2", "--batch-size", "2", "--runs", "2",
+                 "--warmup", "1", "--json", str(report), *runtime])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    rows = {r["method"]: r for r in json.loads(report.read_text())}
+    assert set(rows) == {"none", "tome:r=2"}
+    for row in rows.values():
+        assert row["compile_s"] > 0 and row["latency_ms"] > 0 and row["img_per_s"] > 0
+    assert "seconds (not timed)" in out

@@ -201,6 +201,14 @@ def add_bench_parser(subparsers: Any) -> None:
     add_timing_args(p, runs=10, warmup=2)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    runtime = p.add_mutually_exclusive_group()
+    runtime.add_argument("--compile", action="store_true",
+                         help="time torch.compile(fullgraph=True) of every model (compile time reported apart)")
+    runtime.add_argument("--runtime", choices=("pytorch", "onnxruntime"), default="pytorch",
+                         help="onnxruntime: time every model exported to ONNX (fixed batch) in onnxruntime; export "
+                              "time reported apart; needs tokensparse[export] (default: pytorch)")
+    p.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                   help="torch.compile backend with --compile (default: inductor)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
 
 
@@ -230,9 +238,15 @@ def run_bench(args: argparse.Namespace, variants: dict[str, nn.Module],
     images, wnids = accuracy_source if accuracy_source is not None else (None, None)
     results = measure_variants(variants, BASELINE, images, wnids, limit=args.limit,
                                batch_size=args.batch_size, threads=args.threads, device=args.device,
-                               dtype=args.dtype, runs=args.runs, warmup=args.warmup)
+                               dtype=args.dtype, runs=args.runs, warmup=args.warmup, runtime=bench_runtime(args),
+                               compile_backend=args.compile_backend)
     return [{"method": name, **metrics, "random_predictors": random_predictors(name)}
             for name, metrics in results.items()]
+
+
+def bench_runtime(args: argparse.Namespace) -> str:
+    """The :data:`~tokensparse.measure.runtimes.RUNTIMES` entry ``bench``'s options name."""
+    return "compile" if args.compile else "onnxruntime" if args.runtime == "onnxruntime" else "eager"
 
 
 def speedup_text(row: dict[str, Any]) -> tuple[str, str]:
@@ -247,7 +261,7 @@ def bench_table(args: argparse.Namespace, rows: Sequence[dict[str, Any]], thread
     """The rich table printed by ``tokensparse bench``."""
     table = Table(
         title=f"{args.model} | batch {args.batch_size} | {threads} threads | {args.device} "
-              f"{args.dtype} | median of {args.runs}",
+              f"{args.dtype} | {bench_runtime(args)} | median of {args.runs}",
         caption="GMACs = FLOPs/2 per image from a real forward pass; ms/batch = median latency of one batch; "
                 "speed-up vs unreduced, "
                 "timed interleaved in one process (median; range: lowest-highest of the runs, each "
@@ -299,6 +313,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     rows = run_bench(args, variants, accuracy_source)
     threads = args.threads or torch.get_num_threads()
     console.print(bench_table(args, rows, threads))
+    if bench_runtime(args) != "eager":
+        what = "compile" if args.compile else "export + check"
+        console.print(f"{what} seconds (not timed): " + ", ".join(f"{r['method']} {r['compile_s']:.1f}" for r in rows),
+                      markup=False)
     warning = spread_warning(rows)
     if warning:
         console.print(warning, markup=False)

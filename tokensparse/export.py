@@ -25,8 +25,7 @@ from torch import Tensor, nn
 from .data import input_size
 from .errors import TokenSparseError
 from .families import slot
-from .measure import eval_mode
-from .utils import check_writable_folder, remove_stale_temp_files, temp_path
+from .utils import check_writable_folder, eval_mode, remove_stale_temp_files, temp_path
 
 INPUT_NAME = "images"
 """The name of the exported model's input (``(B, C, H, W)`` float images, preprocessed)."""

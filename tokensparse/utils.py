@@ -193,3 +193,16 @@ def output_logits(out: Any) -> torch.Tensor:
         return logits
     raise TokenSparseError(f"the model outputs a {type(out).__name__}, not class logits: this needs a classifier "
                            f"(for transformers, a ...ForImageClassification model)")
+
+
+@contextlib.contextmanager
+def eval_mode(*models: torch.nn.Module) -> Iterator[None]:
+    """Put models in eval mode, restoring each one's previous mode afterwards."""
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)

@@ -1,6 +1,7 @@
 """Trustworthy measurement: FLOPs from a real forward pass, interleaved throughput, accuracy."""
 from ..data import ImageNetFolder, read_wnids
-from ._common import check_finite_parameters, eval_mode, measurement_device
+from ..utils import eval_mode
+from ._common import check_finite_parameters, measurement_device
 from .accuracy import evaluate, evaluate_many
 from .compare import BASELINE, build_variants, measure_variants, random_predictors, wide_spread
 from .flops import count_flops, gmacs

@@ -1,8 +1,7 @@
 """Small helpers shared by the measurement modules."""
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -11,19 +10,6 @@ from ..errors import TokenSparseError
 from ..utils import resolve_device
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put models in eval mode, restoring each one's previous mode afterwards."""
-    modes = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, mode in zip(models, modes):
-            m.train(mode)
 
 
 def resolve_dtype(dtype: str) -> torch.dtype:

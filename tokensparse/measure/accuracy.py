@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 from ..data import ImageNetFolder, data_config, dataset_files, split_dataset, worker_error_message
 from ..errors import TokenSparseError
-from ..utils import output_logits, positive_int, progress_bar
-from ._common import eval_mode, measurement_device
+from ..utils import eval_mode, output_logits, positive_int, progress_bar
+from ._common import measurement_device
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..api import patch
-from ..data import ImageNetFolder, dataset_files, scan_images, split_dataset
+from ..data import ImageNetFolder, dataset_files, input_size, scan_images, split_dataset
 from ..errors import TokenSparseError
 from ..methods import get_method
 from ..spec import parse_spec
@@ -21,13 +21,14 @@ from ..utils import progress_bar
 from ._common import check_finite_parameters, measurement_device
 from .accuracy import evaluate_many
 from .flops import gmacs
-from .speed import speedup_range, throughput, timed_runs
+from .runtimes import prepare_runtime
+from .speed import num_threads, speedup_range, throughput, timed_runs
 
 BASELINE = "none"
 """The name of the unreduced model among the variants (``--method none``)."""
 
 METRICS = ("gmacs", "img_per_s", "latency_ms", "speedup", "top1", "top5", "agreement", "speedup_low",
-           "speedup_high")
+           "speedup_high", "compile_s")
 """The keys of every entry :func:`measure_variants` returns."""
 
 WIDE_SPREAD = 0.10
@@ -63,7 +64,8 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
                      images: str | Path | None = None, wnids: str | Path | None = None, *,
                      limit: int | None = None, batch_size: int = 32, threads: int | None = None,
                      device: str | torch.device = "cpu", dtype: str = "fp32", runs: int = 10,
-                     warmup: int = 2, progress: bool = True) -> dict[str, dict[str, float | None]]:
+                     warmup: int = 2, progress: bool = True, runtime: str = "eager",
+                     compile_backend: str = "inductor") -> dict[str, dict[str, float | None]]:
     """Measure every model against ``models[baseline_key]`` (typically the unreduced model).
 
     Returns ``{name: {"gmacs", "img_per_s", "latency_ms", "speedup", "top1", "top5", "agreement",
@@ -76,6 +78,13 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
     baseline in one pass over the folder (:func:`evaluate_many`, first ``limit`` images);
     without ``images`` the accuracy values are None. Models are moved to ``device``; their
     train/eval mode is restored.
+
+    ``runtime`` (:data:`~tokensparse.measure.runtimes.RUNTIMES`): what is timed: the models
+    (``eager``), ``torch.compile(fullgraph=True)`` of them (``compile``, with
+    ``compile_backend``), or their ONNX export in onnxruntime (``onnxruntime``); ``compile_s``
+    is the one-off seconds of compiling (or exporting and checking) each, never part of the
+    throughput (None for ``eager``). GMACs and accuracy are always those of the PyTorch models
+    (an export matches them within 1e-4).
 
     Before anything is timed, every model's parameters are checked for NaN / inf and every
     image (of the first ``limit``) is decoded once, so a corrupt model or image is a clear
@@ -94,8 +103,15 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
         for name, model in models.items():
             out[name]["gmacs"] = gmacs(model)
             advance()
+    dev = measurement_device(device)
+    size = input_size(next(iter(models.values())))
+    with progress_bar(runtime, len(models), progress and runtime != "eager") as advance, num_threads(threads):
+        timing, setup = prepare_runtime(models, runtime, batch_size, size, threads, dev, dtype, compile_backend,
+                                        progress=advance)
+    for name, seconds in setup.items():
+        out[name]["compile_s"] = seconds
     with progress_bar("throughput", (warmup + runs) * len(models), progress) as advance:
-        times = timed_runs(models, batch_size=batch_size, threads=threads, device=device,
+        times = timed_runs(timing, batch_size=batch_size, input_size=size, threads=threads, device=device,
                            dtype=dtype, warmup=warmup, runs=runs,
                            progress=lambda done, total: advance())
     speed = throughput(times, batch_size)

@@ -10,7 +10,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ..data import input_size
 from ..errors import TokenSparseError
-from ._common import eval_mode
+from ..utils import eval_mode
 
 _aten = torch.ops.aten
 

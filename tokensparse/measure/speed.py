@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..errors import TokenSparseError
-from ..utils import positive_int
-from ._common import eval_mode, measurement_device, resolve_dtype, synchronize
+from ..utils import eval_mode, positive_int
+from ._common import measurement_device, resolve_dtype, synchronize
 from .flops import model_input_size
 
 ProgressFn = Callable[[int, int], None]
