@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every measurement quoted in the README, recorded under benchmarks/results/ (one file per
 # command, the command on its first line). Run from the repository root with the package
-# installed and ../shared beside it (or TOKENSPARSE_SHARED set); takes about 25 minutes on
+# installed and ../shared beside it (or TOKENSPARSE_SHARED set); takes about 45 minutes on
 # the 2-core CPU machine. Timings are only comparable within one file: run nothing else meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,6 +31,10 @@ done
 for run in 1 2 3; do  # transformers ViT-S: speed-ups against the same methods on timm, all in one process
   record "hf_speed_run$run" python benchmarks/hf_speed.py --method tome:r=13 --method evit:keep_rate=0.7 --runs 20
 done
+record deit_small_onnxruntime tokensparse bench --model deit_small_patch16_224 --batch-size 32 --threads 2 --runs 10 \
+  --runtime onnxruntime --method tome:r=13 --method evit:keep_rate=0.7 --method ppt --method evovit \
+  --method dynamicvit:rho=0.7 --json "$OUT/deit_small_onnxruntime.json"
+record deploy_matrix python benchmarks/deploy_matrix.py --no-inductor
 record overhead_limit python benchmarks/overhead_limit.py --method tome:r=13 --method evit:keep_rate=0.7 --method ppt
 
 # ViT-Tiny accuracy on the 500 shared images
