@@ -15,6 +15,7 @@ from PIL import Image
 
 import tokensparse
 from tokensparse.data import ImageNetFolder, model_transform
+from tokensparse.utils import output_logits
 
 VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
@@ -113,7 +114,7 @@ def run_batches(model: torch.nn.Module, images: torch.Tensor, batch: int = 125) 
     try:
         with torch.inference_mode():
             outs = [model(images[i:i + batch]) for i in range(0, len(images), batch)]
-        return torch.cat([o if isinstance(o, torch.Tensor) else o.logits for o in outs])
+        return torch.cat([output_logits(o) for o in outs])
     finally:
         torch.set_num_threads(threads)
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import input_size
-from .errors import TokenSparseError
+from .errors import TokenSparseError, first_line
 from .families import slot
 from .utils import check_writable_folder, eval_mode, remove_stale_temp_files, temp_path
 
@@ -125,10 +125,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, batch_size: i
                 raise TokenSparseError(f'ONNX export needs onnx and onnxscript: pip install "tokensparse[export]" '
                                        f'({exc})') from None
             except torch.onnx.errors.OnnxExporterError as exc:  # export / conversion errors carry long traces
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 s = slot(model)
                 kind = (s.original if s is not None and s.original is not None else type(model)).__name__
-                raise TokenSparseError(f"ONNX export of this {kind} failed: {first}") from None
+                raise TokenSparseError(f"ONNX export of this {kind} failed: {first_line(exc)}") from None
     tmp = temp_path(out)
     try:
         program.save(str(tmp))
@@ -149,7 +148,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, batch_size: i
                     f"the exported model differs from PyTorch by {diff:.3g} (more than {atol:g}) on a batch of {n}; "
                     f"nothing was written to {str(out)!r}")
         os.replace(tmp, out)
-        report.path = out
         return report
     finally:
         tmp.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import TokenSparseError
+from .errors import TokenSparseError, first_line
 
 _STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _MAX_LISTED = 5
@@ -77,15 +77,10 @@ def _read_checkpoint(path: Path) -> Any:
         try:
             return reader(path)
         except Exception as exc:  # noqa: BLE001 - any failure means "unreadable"
-            errors.append(f"{label}: {_first_line(exc)}")
+            errors.append(f"{label}: {first_line(exc)}")
     raise TokenSparseError(
         f"could not read weights file {str(path)!r}: not a valid checkpoint "
         f"({'; '.join(errors)})")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -187,15 +182,6 @@ HF_PREFIX = "hf:"
 folder) or ``hf:ORG/NAME`` (a model hub id)."""
 
 
-def _hf_source_problem(source: str) -> str | None:
-    """Why a hub id cannot be fetched now (offline, or the hub does not answer), or None."""
-    if Path(source).expanduser().is_dir():
-        return None
-    if _offline():
-        return "HF_HUB_OFFLINE is set"
-    return hub_unreachable(hub_constants.ENDPOINT)
-
-
 def load_hf_model(source: str) -> nn.Module:
     """The transformers model saved in folder ``source`` (or hub id), eval mode, SDPA attention.
 
@@ -209,11 +195,13 @@ def load_hf_model(source: str) -> nn.Module:
         raise TokenSparseError('hf: models need transformers: pip install "tokensparse[hf]"') from None
     if not source:
         raise TokenSparseError("give a folder or model hub id after 'hf:', e.g. hf:./vit-base or hf:google/vit-base")
-    problem = _hf_source_problem(source)
-    if problem is not None and not Path(source).expanduser().exists():
-        raise TokenSparseError(f"hf:{source}: no such folder, and as a model hub id it cannot be fetched "
-                               f"({problem}); give a folder written by save_pretrained")
-    path = str(Path(source).expanduser()) if Path(source).expanduser().exists() else source
+    local = Path(source).expanduser()
+    if not local.exists():  # a hub id: fail fast when it cannot be fetched (offline, or the hub does not answer)
+        problem = "HF_HUB_OFFLINE is set" if _offline() else hub_unreachable(hub_constants.ENDPOINT)
+        if problem is not None:
+            raise TokenSparseError(f"hf:{source}: no such folder, and as a model hub id it cannot be fetched "
+                                   f"({problem}); give a folder written by save_pretrained")
+    path = str(local) if local.exists() else source
     try:
         config = transformers.AutoConfig.from_pretrained(path)
         names = getattr(config, "architectures", None) or []
@@ -223,7 +211,7 @@ def load_hf_model(source: str) -> nn.Module:
                                    f"transformers {transformers.__version__} does not have")
         model = cls.from_pretrained(path, attn_implementation="sdpa")
     except (OSError, ValueError, KeyError) as exc:
-        raise TokenSparseError(f"cannot load the transformers model hf:{source}: {_first_line(exc)}") from None
+        raise TokenSparseError(f"cannot load the transformers model hf:{source}: {first_line(exc)}") from None
     return model.eval()
 
 
@@ -255,7 +243,7 @@ def create_model(name: str, weights: str | Path | None = None, pretrained: bool 
         if not pretrained:
             raise
         raise TokenSparseError(
-            f"could not get pretrained weights for {name!r} ({_first_line(exc)}); "
+            f"could not get pretrained weights for {name!r} ({first_line(exc)}); "
             f"pass a local weights file instead") from None
     if weights is not None:
         load_weights(model, weights, name)

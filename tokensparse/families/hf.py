@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..errors import TokenSparseError
+from ..errors import TokenSparseError, first_line
 from .base import TokenFamily
 
 SUPPORTED_TRANSFORMERS = "transformers>=5,<6"
@@ -200,9 +200,8 @@ def hf_data_config(model: nn.Module) -> dict[str, Any]:
     try:
         processor = AutoImageProcessor.from_pretrained(source)
     except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TokenSparseError(f"cannot read the image processor (preprocessor_config.json) of {source!r}: "
-                               f"{first}") from None
+                               f"{first_line(exc)}") from None
     return processor_data_config(processor.to_dict())
 
 

@@ -92,7 +92,7 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
     """
     if baseline_key not in models:
         raise TokenSparseError(f"baseline {baseline_key!r} is not one of the models: {', '.join(models)}")
-    measurement_device(device)
+    dev = measurement_device(device)
     check_finite_parameters(models, {baseline_key: f"the unreduced model ({baseline_key!r})"})
     if images is not None:
         files = dataset_files(split_dataset(ImageNetFolder(images, wnids), limit=limit))
@@ -103,7 +103,6 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
         for name, model in models.items():
             out[name]["gmacs"] = gmacs(model)
             advance()
-    dev = measurement_device(device)
     size = input_size(next(iter(models.values())))
     with progress_bar(runtime, len(models), progress and runtime != "eager") as advance, num_threads(threads):
         timing, setup = prepare_runtime(models, runtime, batch_size, size, threads, dev, dtype, compile_backend,
