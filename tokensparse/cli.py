@@ -265,14 +265,22 @@ def bench_table(args: argparse.Namespace, rows: Sequence[dict[str, Any]], thread
         caption="GMACs = FLOPs/2 per image from a real forward pass; ms/batch = median latency of one batch; "
                 "speed-up vs unreduced, "
                 "timed interleaved in one process (median; range: lowest-highest of the runs, each "
-                "against the unreduced model timed in the same run); agree = % same top-1 as unreduced")
+                "against the unreduced model timed in the same run); agree = % same top-1 as unreduced"
+                + ("; eager: the same PyTorch models uncompiled, timed in the same runs" if bench_runtime(args) != "eager"
+                   else ""))
     table.add_column("method", overflow="fold")
-    for header in ("GMACs", "img/s", "ms/batch", "speed-up", "range", "top-1 %", "top-5 %", "agree %"):
+    vs_eager = bench_runtime(args) != "eager"
+    headers = ["GMACs", "img/s", "ms/batch", "speed-up", "range"]
+    if vs_eager:
+        headers += ["eager ms/batch", "eager speed-up"]
+    for header in (*headers, "top-1 %", "top-5 %", "agree %"):
         table.add_column(header, justify="right")
     for r in rows:
         label = r["method"] + (" (random predictors)" if r.get("random_predictors") else "")
+        eager_x = r.get("eager_speedup")
+        eager = [fmt(r.get("eager_latency_ms"), 1), "-" if eager_x is None else f"{eager_x:.2f}x"] if vs_eager else []
         table.add_row(label, fmt(r["gmacs"], 3), fmt(r["img_per_s"], 1), fmt(r.get("latency_ms"), 1), *speedup_text(r),
-                      fmt(r["top1"], 1), fmt(r["top5"], 1), fmt(r["agreement"], 1))
+                      *eager, fmt(r["top1"], 1), fmt(r["top5"], 1), fmt(r["agreement"], 1))
     return table
 
 

@@ -28,11 +28,16 @@ BASELINE = "none"
 """The name of the unreduced model among the variants (``--method none``)."""
 
 METRICS = ("gmacs", "img_per_s", "latency_ms", "speedup", "top1", "top5", "agreement", "speedup_low",
-           "speedup_high", "compile_s")
+           "speedup_high", "compile_s", "eager_speedup", "eager_latency_ms")
 """The keys of every entry :func:`measure_variants` returns."""
 
 WIDE_SPREAD = 0.10
 """A speed-up whose range across rounds is wider than this share of it is flagged (:func:`wide_spread`)."""
+
+
+def eager_key(name: str) -> str:
+    """The name the eager model ``name`` is timed under next to its compiled or exported form."""
+    return f"{name} [eager]"
 
 
 def random_predictors(spec: str) -> bool:
@@ -84,7 +89,9 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
     ``compile_backend``), or their ONNX export in onnxruntime (``onnxruntime``); ``compile_s``
     is the one-off seconds of compiling (or exporting and checking) each, never part of the
     throughput (None for ``eager``). GMACs and accuracy are always those of the PyTorch models
-    (an export matches them within 1e-4).
+    (an export matches them within 1e-4). With a runtime other than ``eager`` the eager models
+    are timed in the same rounds too, so ``eager_speedup`` and ``eager_latency_ms`` (None for
+    ``eager``) compare the runtime with eager PyTorch in one run.
 
     Before anything is timed, every model's parameters are checked for NaN / inf and every
     image (of the first ``limit``) is decoded once, so a corrupt model or image is a clear
@@ -109,15 +116,21 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
                                         progress=advance)
     for name, seconds in setup.items():
         out[name]["compile_s"] = seconds
-    with progress_bar("throughput", (warmup + runs) * len(models), progress) as advance:
-        times = timed_runs(timing, batch_size=batch_size, input_size=size, threads=threads, device=device,
-                           dtype=dtype, warmup=warmup, runs=runs,
+    eager = {} if runtime == "eager" else {eager_key(name): model for name, model in models.items()}
+    with progress_bar("throughput", (warmup + runs) * (len(timing) + len(eager)), progress) as advance:
+        times = timed_runs({**timing, **eager}, batch_size=batch_size, input_size=size, threads=threads,
+                           device=device, dtype=dtype, warmup=warmup, runs=runs,
                            progress=lambda done, total: advance())
     speed = throughput(times, batch_size)
-    for name, ips in speed.items():
+    for name in models:
+        ips = speed[name]
         low, high = speedup_range(times, baseline_key, name)
         out[name].update(img_per_s=ips, latency_ms=1000.0 * batch_size / ips, speedup=ips / speed[baseline_key],
                          speedup_low=low, speedup_high=high)
+        if eager:
+            eager_ips = speed[eager_key(name)]
+            out[name].update(eager_speedup=eager_ips / speed[eager_key(baseline_key)],
+                             eager_latency_ms=1000.0 * batch_size / eager_ips)
     if images is not None:
         accuracy: dict[str, Any] = evaluate_many(
             models, images, wnids, reference_key=baseline_key, batch_size=batch_size,

@@ -6,6 +6,7 @@ never part of the throughput.
 """
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +48,13 @@ def _session(path: Path, threads: int | None) -> Any:
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+def compile_options(freeze: bool) -> contextlib.AbstractContextManager:
+    """Inductor's settings while a model compiles (its first call): ``freezing`` when ``freeze``."""
+    if not freeze:
+        return contextlib.nullcontext()
+    return torch._inductor.config.patch(freezing=True)  # torch loads inductor on first use
+
+
 def prepare_runtime(models: Mapping[str, nn.Module], runtime: str, batch_size: int,
                     input_size: Sequence[int], threads: int | None = None, device: torch.device | None = None,
                     dtype: str = "fp32", backend: str = "inductor", progress: Callable[[], Any] | None = None,
@@ -55,7 +63,9 @@ def prepare_runtime(models: Mapping[str, nn.Module], runtime: str, batch_size: i
 
     ``compile``: each model compiled with ``fullgraph=True`` (``backend``) and run once on a
     ``batch_size`` batch, the compile time measured (shapes stay fixed: no recompilation while
-    timing). ``onnxruntime``: each model exported at ``batch_size`` and checked
+    timing). On a CPU, inductor compiles with freezing (weights folded in as constants and
+    linear layers pre-packed: inductor's CPU inference setting, which the models, in eval mode
+    under ``inference_mode``, allow). ``onnxruntime``: each model exported at ``batch_size`` and checked
     (:func:`~tokensparse.export.export_onnx`), then loaded in a session with ``threads`` threads
     (CPU, fp32 only); the time is the export's and the check's. ``progress()`` runs after each model.
     """
@@ -73,8 +83,9 @@ def prepare_runtime(models: Mapping[str, nn.Module], runtime: str, batch_size: i
             if device is not None:
                 model.to(device)
             compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
+            freeze = backend == "inductor" and (device is None or device.type == "cpu")
             start = time.perf_counter()
-            with eval_mode(model), torch.inference_mode():
+            with eval_mode(model), torch.inference_mode(), compile_options(freeze):
                 compiled(x.to(device) if device is not None else x)
             seconds[name] = time.perf_counter() - start
             out[name] = compiled
