@@ -14,7 +14,7 @@ import tokensparse
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "tokensparse"
 
-LAYERS = ["ops", "state", "families", "methods", "api", "data|measure|train|viz|sweep|export", "cli"]
+LAYERS = ["ops", "state", "families", "methods", "api", "data|measure|train|viz|sweep|export|tune", "cli"]
 """Each module may import only from its own layer and the layers before it."""
 LEAVES = {"errors", "spec", "models", "utils", "__init__", "__main__"}
 """Modules outside the layers that anyone may import (they import only leaves themselves)."""

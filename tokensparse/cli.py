@@ -1,4 +1,4 @@
-"""Command line interface: ``tokensparse bench | calibrate | train | viz | sweep | export``.
+"""Command line interface: ``tokensparse bench | tune | calibrate | train | viz | sweep | export``.
 
 One ``add_<command>_parser`` / ``cmd_<command>`` pair per subcommand. Bad input (a
 :class:`TokenSparseError` or a bad argument) prints one ``error: ...`` line on stderr and
@@ -36,6 +36,7 @@ from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
 from .train.calibrate import CalibrateConfig, calibrate_dynamicvit, check_output_file, method_plan
 from .train.config import LearningConfig
 from .train.finetune import CHECKPOINT, PREDICTORS, TrainConfig, finetune_dynamicvit
+from .tune import TUNABLE, check_target, plot_tune, tune, write_tune_csv
 from .utils import atomic_write, check_writable_folder, resolve_device
 from .viz import figure_path, token_maps
 
@@ -612,6 +613,103 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- tune
+
+def speedup_target(text: str) -> float | str:
+    """argparse type of --speedup: a number, or a method spec whose measured speed-up is the target."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def add_tune_parser(subparsers: Any) -> None:
+    """``tokensparse tune``: the most faithful schedule for a speed-up (or GMACs) target."""
+    p = command_parser(
+        subparsers, "tune", cmd_tune, help="find the most faithful reduction for a speed-up (or GMACs) target",
+        description="Search per-location schedules of every training-free method for the one closest to the "
+                    "unreduced model (agreement, mean KL of the logits) at --speedup times its speed, measured on "
+                    "this machine at --batch-size, --threads, --device and --dtype (or at most --gmacs GMACs). "
+                    "Images need no labels: even positions are searched on, odd ones held out. Writes OUT/tune.csv "
+                    "and OUT/tune.png and prints the chosen spec on the last line.")
+    p.add_argument("--images", metavar="DIR", type=Path, required=True,
+                   help="any folder of images (searched recursively; labels not needed)")
+    p.add_argument("--wnids", metavar="FILE", type=Path,
+                   help="class list (line i = class i) for ImageNet-style names: adds held-out top-1")
+    p.add_argument("--limit", metavar="N", type=positive_int, help="use only the first N images (sorted by path)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--speedup", type=speedup_target, metavar="X|SPEC",
+                        help="target speed-up over the unreduced model (e.g. 1.5), or a method spec whose speed-up, "
+                             "measured in this run, is the target (e.g. tome:r=13)")
+    target.add_argument("--gmacs", type=float, metavar="G", help="target GMACs per image (at most)")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help=f"methods to search (default: every one of {', '.join(TUNABLE)} that supports the model)")
+    p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="(default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--budget", type=float, default=10.0, metavar="MINUTES",
+                   help="minutes for the whole run (default: %(default)s)")
+    p.add_argument("--search-images", type=positive_int, default=256, metavar="N",
+                   help="even positions searched on (default: %(default)s)")
+    p.add_argument("--runs", type=positive_int, default=8, metavar="N",
+                   help="timed rounds of the interleaved timings (default: %(default)s)")
+    p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
+                   help="folder for tune.csv and tune.png (default: .)")
+
+
+def tune_table(args: argparse.Namespace, result: Any) -> Table:
+    """The rows ``tokensparse tune`` measured, fastest last, the Pareto front and the choice marked."""
+    speed = result.target_kind == "speedup"
+    target = f"{result.target:.2f}x" if speed else f"{result.target:g} GMACs"
+    table = Table(
+        title=f"{args.model} | batch {args.batch_size} | {args.threads or torch.get_num_threads()} threads | "
+              f"{args.device} {args.dtype} | target {target}",
+        caption="held-out images (odd positions): agreement = % same top-1 as unreduced, KL = mean KL(unreduced || "
+                "reduced); speed-up measured interleaved in one run; front: not beaten on both speed and KL")
+    for header in ("role", "spec", "front", "speed-up", "GMACs", "agree %", "KL", "top-1 %"):
+        table.add_column(header, justify="left" if header in ("role", "spec", "front") else "right",
+                         overflow="fold")
+    for r in result.rows:
+        table.add_row(r.role, r.spec, "*" if r.pareto else "", fmt(r.speedup, 2) + "x", fmt(r.gmacs, 3),
+                      fmt(r.agreement, 1), fmt(r.kl, 4), fmt(r.top1, 1))
+    return table
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Run ``tokensparse tune``."""
+    console = table_console()
+    check_target(args.speedup, args.gmacs)  # bad targets and methods fail before the model is loaded
+    for name in args.methods or []:
+        if name not in TUNABLE:
+            raise TokenSparseError(f"tune cannot search method {name!r}; tunable: {', '.join(TUNABLE)}")
+    if not args.budget > 0:
+        raise TokenSparseError(f"--budget must be a positive number of minutes, got {args.budget!r}")
+    if not args.images.is_dir():
+        raise TokenSparseError(f"image directory {str(args.images)!r} not found")
+    check_writable_folder(args.out, "output folder")
+    for name in ("tune.csv", "tune.png"):
+        check_output_path(args.out / name, "tune output")
+    model = load_model(args)
+    result = tune(model, args.images, speedup=args.speedup, gmacs=args.gmacs, methods=args.methods,
+                  wnids=args.wnids, batch_size=args.batch_size, threads=args.threads, device=args.device,
+                  dtype=args.dtype, budget=args.budget, limit=args.limit, search_images=args.search_images,
+                  runs=args.runs)
+    console.print(tune_table(args, result))
+    for note in result.notes:
+        console.print(f"note: {note}", markup=False)
+    write_tune_csv(result.rows, args.out / "tune.csv")
+    plot_tune(result, args.out / "tune.png", title=f"{args.model} | batch {args.batch_size}")
+    c = result.choice
+    met = "meets" if result.met_target else "does NOT meet"
+    console.print(f"searched {result.search_seconds:.0f} s, {result.seconds:.0f} s in all; wrote "
+                  f"{args.out / 'tune.csv'} and {args.out / 'tune.png'}; the choice {met} the target: "
+                  f"{fmt(c.speedup, 2)}x, {fmt(c.gmacs, 3)} GMACs, held-out agreement {fmt(c.agreement, 1)}%, "
+                  f"KL {fmt(c.kl, 4)}", markup=False)
+    print(c.spec)
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
 def build_parser() -> ArgumentParser:
@@ -626,6 +724,7 @@ def build_parser() -> ArgumentParser:
     add_viz_parser(subparsers)
     add_sweep_parser(subparsers)
     add_export_parser(subparsers)
+    add_tune_parser(subparsers)
     return parser
 
 

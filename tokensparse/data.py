@@ -330,23 +330,25 @@ def split_dataset(dataset: Dataset, split: str = "all", limit: int | None = None
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's data config of ``model`` (input size, interpolation, mean, std, crop); for a transformers
-    model the same keys from its image processor (:func:`~tokensparse.families.hf.hf_data_config`)."""
+    """timm's data config of ``model`` (input size, interpolation, mean, std, crop), with the input
+    size the patch embedding was built for where a timm model was built for another one than its
+    pretrained config's (e.g. ``img_size=64``); for a transformers model the same keys from its
+    image processor (:func:`~tokensparse.families.hf.hf_data_config`)."""
     if is_transformers_model(model):
         return hf_data_config(model)
-    return timm.data.resolve_data_config({}, model=model)
+    cfg = timm.data.resolve_data_config({}, model=model)
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if isinstance(built, tuple) and len(built) == 2 and getattr(model.patch_embed, "strict_img_size", False):
+        cfg["input_size"] = (cfg["input_size"][0], *built)
+    return cfg
 
 
 def input_size(model: nn.Module) -> tuple[int, int, int]:
-    """``(C, H, W)`` of ``model``'s input: timm's data config (the patch embedding's image size where a
-    timm model was built for another one, e.g. ``img_size=64``), or a transformers model's configured
+    """``(C, H, W)`` of ``model``'s input: :func:`data_config`'s, or a transformers model's configured
     size (no image processor needed)."""
     if is_transformers_model(model):
         return hf_input_size(model)
     size = data_config(model)["input_size"]
-    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if isinstance(built, tuple) and len(built) == 2 and getattr(model.patch_embed, "strict_img_size", False):
-        size = (size[0], *built)
     return int(size[0]), int(size[1]), int(size[2])
 
 

@@ -250,6 +250,24 @@ class TokenFamily(TimmParts):
         """Whether the head pools tokens (so ``TokenState.pool`` applies), not a model-specific head."""
         return True
 
+    def run_blocks(self, x: Tensor, start: int, end: int) -> Tensor:
+        """Tokens ``x`` through blocks ``start`` to ``end - 1`` (a patched model's blocks use its
+        pass state as it stands: start the pass first, see :meth:`record_pass`)."""
+        raise NotImplementedError
+
+    def final_norm_tokens(self, x: Tensor) -> Tensor:
+        """The model's final norm on the tokens after its last block (what the head reads)."""
+        raise NotImplementedError
+
+    def features_from(self, h: Tensor, start: int) -> Tensor:
+        """``forward_features`` from ``h`` entering block ``start``, as one recorded pass."""
+        return self.record_pass(lambda: self.final_norm_tokens(self.run_blocks(h, start, len(self.blocks))))
+
+    def token_probes(self, i: int) -> tuple[nn.Module, nn.Module]:
+        """The modules whose inputs are block ``i``'s attention tokens and its MLP tokens (its two
+        norms): their input lengths are the token counts the block computes on."""
+        raise NotImplementedError
+
     def record_pass(self, run: Callable[[], Tensor]) -> Tensor:
         """``run()`` (part of a forward pass) as one recorded pass of the model's state: the pass
         starts fresh and ends after it; the output is kept as ``state.features`` when asked."""

@@ -409,20 +409,22 @@ class HFEncoderFamily(HFFamily):
         x = x.to(self.embeddings_dtype())
         for name in self.embed:
             x = resolve(enc, name)(x)
-        for layer in self.blocks[:start]:
-            x = layer(x, None)
-        return x
+        return self.run_blocks(x, 0, start)
 
     def embeddings_dtype(self) -> torch.dtype:
         return next(self.embeddings.parameters()).dtype
 
-    def features_from(self, h: Tensor, start: int) -> Tensor:
-        def run() -> Tensor:
-            x = h
-            for layer in self.blocks[start:]:
-                x = layer(x, None)
-            return x if self.final_norm is None else resolve(self.encoder, self.final_norm)(x)
-        return self.record_pass(run)
+    def run_blocks(self, x: Tensor, start: int, end: int) -> Tensor:
+        for layer in self.blocks[start:end]:
+            x = layer(x, None)
+        return x
+
+    def final_norm_tokens(self, x: Tensor) -> Tensor:
+        return x if self.final_norm is None else resolve(self.encoder, self.final_norm)(x)
+
+    def token_probes(self, i: int) -> tuple[nn.Module, nn.Module]:
+        layer, lay = self.blocks[i], self.layer.layout
+        return getattr(layer, lay.norm1), getattr(layer, lay.norm2)
 
     # --------------------------------------------------------------- the whole model
 

@@ -276,18 +276,19 @@ class ViTFamily(TokenFamily):
                 attach(blk, HOOK, hooks[i])
 
     def run_to(self, x: Tensor, start: int) -> Tensor:
-        x = embed_tokens(self.model, x)
-        for blk in self.model.blocks[:start]:
+        return self.run_blocks(embed_tokens(self.model, x), 0, start)
+
+    def run_blocks(self, x: Tensor, start: int, end: int) -> Tensor:
+        for blk in self.model.blocks[start:end]:
             x = blk(x)
         return x
 
-    def features_from(self, h: Tensor, start: int) -> Tensor:
-        def run() -> Tensor:
-            x = h
-            for blk in self.model.blocks[start:]:
-                x = blk(x)
-            return self.model.norm(x)
-        return self.record_pass(run)
+    def final_norm_tokens(self, x: Tensor) -> Tensor:
+        return self.model.norm(x)
+
+    def token_probes(self, i: int) -> tuple[nn.Module, nn.Module]:
+        blk = self.model.blocks[i]
+        return blk.norm1, blk.norm2
 
     def patch_grid(self) -> tuple[int, int]:
         h, w = self.model.patch_embed.grid_size

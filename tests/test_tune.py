@@ -1,0 +1,172 @@
+"""tokensparse tune: per-location schedules as specs, the search meeting its target, clear errors.
+
+Small random ViTs on random images keep this fast; the real-weights benchmark is
+``benchmarks/results/tune_vit_tiny.txt`` (README).
+"""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import tokensparse
+from tokensparse import TokenSparseError
+from tokensparse.cli import main
+from tokensparse.measure import gmacs
+from tokensparse.spec import parse_spec
+from tokensparse.tune import TUNABLE, CostModel, EvoViTKnob, PPTKnob, ToMeKnob, TopKKnob, probe, tune
+
+SMALL = {"img_size": 64, "patch_size": 8, "depth": 6, "embed_dim": 64, "num_heads": 2, "num_classes": 10}
+
+
+def small_vit(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", **{**SMALL, **kw}).eval()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Sixteen random images with arbitrary names, nested, no class list."""
+    root = tmp_path_factory.mktemp("photos")
+    (root / "more").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(16):
+        arr = (torch.rand(70, 80, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(root / ("more" if i % 3 else ".") / f"photo {i}.{'png' if i % 2 else 'jpg'}")
+    return root
+
+
+# ----------------------------------------------------------------------------- schedules as specs
+
+@pytest.mark.parametrize("knob", [ToMeKnob, TopKKnob, PPTKnob, EvoViTKnob])
+def test_every_schedule_is_a_spec_the_method_runs_as_written(knob):
+    """A knob's values become a spec whose probe pass removes exactly those tokens where they say."""
+    model = small_vit()
+    family = tokensparse.families.get_family(model)
+    k = knob(6, 64, 1)
+    values = k.fill({b: 1.0 for b in k.positions()[:3]}, 9, cut=False)
+    tokensparse.patch(model, k.spec(values))
+    sched = probe(model, family, (3, 64, 64), count=False)
+    if knob is EvoViTKnob:  # stages start at blocks 2, 3, 4 and run on the informative tokens + a representative
+        assert sched.attention == [65, 65, 1 + 55 + 1, 57, 57, 57]  # the last stage lasts to the end
+    else:  # tokens leave after a location's attention: its MLP and every later block see fewer
+        for loc, v in values.items():
+            assert sched.attention[loc] - sched.mlp[loc] == v
+        assert sched.reductions == len(values)
+
+
+def test_fill_respects_each_methods_limits_and_the_cut():
+    tome, topk = ToMeKnob(6, 64, 1), TopKKnob(6, 64, 1)
+    assert tome.fill({0: 1.0, 1: 1.0}, 1000, cut=False) == {0: 32, 1: 16}  # at most half per block
+    assert topk.fill({1: 1.0, 2: 1.0}, 1000, cut=True) == {1: 63}  # one token always stays
+    assert topk.fill({1: 1.0}, 10, cut=True) == {1: 10, 5: 53}  # the cut removes all it can at the last block
+    assert parse_spec(topk.spec({1: 10, 5: 53})) == ("topk", {"locations": [1, 5], "tokens": [54, 1]})
+
+
+def test_cost_model_fits_the_block_timings_and_scales_to_the_model():
+    grid, seconds = [2, 10, 20, 40], [0.1, 0.5, 1.2, 3.0]
+    cost = CostModel(grid, seconds, total=13.0, fixed=1.0, depth=4)
+    assert cost.fixed + 4 * cost.block(40) == pytest.approx(13.0)
+    assert cost.block(10) < cost.block(20) < cost.block(40)
+
+
+# ----------------------------------------------------------------------------- the search
+
+def test_gmacs_target_is_met_and_the_choice_reproduces_its_gmacs(photos):
+    model = small_vit()
+    base = gmacs(model)
+    result = tune(model, photos, gmacs=0.7 * base, methods=["tome", "topk", "ppt"], batch_size=8, budget=0.2,
+                  runs=2, progress=False)
+    assert result.met_target and result.choice.gmacs <= 0.7 * base
+    assert not tokensparse.is_patched(model)  # returned as it came
+    assert parse_spec(result.choice.spec)[0] in TUNABLE
+    tokensparse.patch(model, result.choice.spec)
+    assert gmacs(model) == pytest.approx(result.choice.gmacs, rel=1e-9)
+    roles = {r.role for r in result.rows}
+    assert {"unreduced", "default", "finalist"} <= roles
+    assert result.front and all(r.pareto for r in result.front)
+    for r in result.rows:  # every row has held-out numbers; the unreduced one is exact
+        assert r.agreement is not None and r.kl is not None
+    unreduced = next(r for r in result.rows if r.role == "unreduced")
+    assert unreduced.agreement == 100.0 and unreduced.kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_speedup_target_is_met_on_a_small_model(photos):
+    model = small_vit(img_size=128)  # 256 patches: reductions pay off even at this width
+    result = tune(model, photos, speedup=1.25, methods=["tome", "ppt"], batch_size=8, budget=0.5, runs=4,
+                  progress=False)
+    assert result.met_target, [(r.spec, r.speedup) for r in result.rows]
+    assert result.choice.speedup >= 1.25 and result.choice.role == "chosen"
+
+
+def test_a_tiny_budget_still_returns_the_best_schedule_found(photos):
+    model = small_vit()
+    result = tune(model, photos, gmacs=0.6 * gmacs(model), batch_size=8, budget=0.001, runs=1, progress=False)
+    assert result.rows and result.choice.spec != "none"
+    assert any(r.role in ("finalist", "chosen") and r.spec not in TUNABLE for r in result.rows)  # something searched
+
+
+@pytest.mark.parametrize(("kwargs", "fragment"), [
+    ({"speedup": 1.0}, "speedup must be a number > 1"),
+    ({"speedup": 0.5}, "speedup must be a number > 1"),
+    ({"speedup": float("inf")}, "speedup must be a number > 1"),
+    ({"gmacs": -1.0}, "gmacs must be a positive number"),
+    ({"speedup": 1.5, "gmacs": 0.1}, "exactly one target"),
+    ({}, "exactly one target"),
+    ({"speedup": "nope:r=1"}, "unknown method"),
+    ({"speedup": 1.5, "methods": ["dynamicvit"]}, "tune cannot search method 'dynamicvit'"),
+    ({"speedup": 1.5, "budget": 0}, "budget must be a positive number"),
+])
+def test_bad_targets_and_options_are_clear_errors(photos, kwargs, fragment):
+    with pytest.raises(TokenSparseError, match=fragment):
+        tune(small_vit(), photos, progress=False, **kwargs)
+
+
+def test_unreachable_targets_are_clear_errors(photos):
+    model = small_vit()
+    with pytest.raises(TokenSparseError, match="out of reach"):
+        tune(model, photos, speedup=1000.0, batch_size=8, runs=1, progress=False)
+    with pytest.raises(TokenSparseError, match="out of reach"):
+        tune(model, photos, gmacs=1e-6, batch_size=8, runs=1, progress=False)
+    with pytest.raises(TokenSparseError, match="no more than the target"):
+        tune(model, photos, gmacs=10.0, batch_size=8, runs=1, progress=False)
+
+
+def test_models_tune_cannot_take_are_refused(photos):
+    model = small_vit()
+    tokensparse.patch(model, "tome")
+    with pytest.raises(TokenSparseError, match="unreduced model"):
+        tune(model, photos, speedup=1.5, progress=False)
+    convnext = timm.create_model("convnext_tiny", depths=(1, 1, 2, 1), dims=(8, 16, 32, 64), num_classes=4)
+    with pytest.raises(TokenSparseError, match="ViT-style"):
+        tune(convnext, photos, speedup=1.5, progress=False)
+
+
+# ----------------------------------------------------------------------------- the command
+
+def test_tune_command_writes_csv_png_and_the_spec_last(photos, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    code = main(["tune", "--model", "vit_tiny_patch16_224", "--images", str(photos), "--gmacs", "0.7",
+                 "--methods", "tome", "topk", "--batch-size", "4", "--budget", "0.1", "--runs", "1",
+                 "--search-images", "8", "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    spec = stdout.strip().splitlines()[-1]
+    assert parse_spec(spec)[0] in ("tome", "topk")
+    rows = list(csv.DictReader((out / "tune.csv").open()))
+    assert any(r["role"] == "chosen" and r["spec"] == spec for r in rows)
+    assert (out / "tune.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["--speedup", "1"], "speedup must be a number > 1"),
+    (["--speedup", "1.5", "--methods", "dynamicvit"], "cannot search method"),
+    (["--speedup", "1.5", "--budget", "-1"], "budget"),
+    (["--speedup", "1.5", "--gmacs", "1"], "not allowed with"),
+])
+def test_tune_command_errors_before_loading_anything(photos, capsys, argv, fragment):
+    code = main(["tune", "--model", "vit_tiny_patch16_224", "--images", str(photos), *argv])
+    assert code == 2 and fragment in capsys.readouterr().err

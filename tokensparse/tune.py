@@ -1,0 +1,951 @@
+"""``tokensparse tune``: the most faithful reduction for a speed (or GMACs) target, measured here.
+
+Every method here reduces a fixed number of tokens at each location, so a *schedule* (how
+many tokens each location removes) is a spec string (``tome:r=[...]``,
+``topk:locations=[...],tokens=[...]``, ``evit:...``, ``ppt:locations=[...],r=[...]``,
+``evovit:keep_rate=[...]``). :func:`tune` searches per-location schedules of every
+training-free method for the one closest to the unreduced model at a given speed-up:
+
+1. *Images*: any folder (labels are not needed). The even positions are searched on (their
+   first half *screens* schedules, their second half *selects* among the finalists, so the
+   choice is not made on the images the screening fitted); the odd positions are held out,
+   and every fidelity number reported comes from them. The unreduced model's logits are
+   computed once.
+2. *Fidelity*: agreement (same top-1) and mean KL(unreduced || reduced) of the logits. KL
+   moves smoothly with the schedule, where top-1 on a few hundred images moves in steps of
+   a whole image.
+3. *Cost*, measured on this machine (the user's batch size, threads, device and dtype): one
+   block timed at a grid of token counts, fitted and scaled to the unreduced model's measured
+   time, summed over the token counts each block of a schedule computes on (from a one-image
+   probe pass: the inputs of its attention and its MLP); plus each method's own work per
+   reducing block, from timing its hand-set default for real. With a GMACs target the cost is
+   the GMACs counted in the probe pass.
+4. *Search*: a schedule is a *shape* (locations and relative weights: from one of the first
+   blocks on, every block or every third, flat, falling or rising) scaled by bisection to the
+   target (a little past it: timing varies), so every candidate is compared at the same
+   speed. Each method's shapes are screened, the best shape also with every patch token its
+   method can remove cut after the last block's attention (free for a class-token head: only
+   the class token goes on), then the two best methods' best shapes are refined one location
+   at a time. A candidate's pass resumes at its first reducing block from the unreduced
+   tokens kept there (Evo-ViT, whose global attention starts at block 0, runs whole).
+5. *Finalists*: the best schedules, two points of the best shape on the way to the target
+   (the front) and the hand-set defaults are timed for real against the unreduced model,
+   interleaved in one run, and evaluated on the selection and held-out images. The choice is
+   the finalist with the lowest selection KL whose measured speed-up meets the target.
+
+The time budget covers the whole run: the search stops early to leave time for the
+finalists, and a budget too small to reach the target still returns the best schedule
+measured (flagged ``met_target=False``).
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from .api import is_patched, patch, token_state, unpatch
+from .data import UNLABELLED, image_dataset, input_size
+from .errors import TokenSparseError
+from .families import TokenFamily, get_family
+from .measure import BASELINE, build_variants, gmacs, timed_runs
+from .measure._common import measurement_device, resolve_dtype, synchronize
+from .measure.speed import num_threads
+from .methods import get_method
+from .methods.evovit import default_stages
+from .spec import format_spec, parse_spec
+from .utils import atomic_write, eval_mode, output_logits, positive_int, progress_bar
+from .viz import save_figure
+
+__all__ = ["TUNABLE", "Candidate", "TuneResult", "check_target", "plot_tune", "tune", "write_tune_csv"]
+
+
+# ----------------------------------------------------------------------------- schedules
+
+class Knob:
+    """A method's per-location schedule: ``values[loc]`` tokens removed at location ``loc``.
+
+    Schedules are searched as *shapes*: a set of locations with relative weights, scaled by one
+    amount to hit the target (:meth:`fill`). ``cut`` is the last block, where a method may
+    remove every patch token it can after the last attention (free for a class-token head:
+    the last MLP then runs on the class token alone), or None.
+    """
+    method: str = ""
+    resumable: bool = True
+    """Whether a pass can resume at its first reducing block from the unreduced pass's tokens
+    (reductions inside blocks; not Evo-ViT, whose global attention starts at block 0)."""
+    first: int = 1
+    """The first block a shape may start at (class-attention methods skip block 0)."""
+
+    def __init__(self, depth: int, patches: int, num_prefix: int) -> None:
+        self.depth, self.patches, self.num_prefix = depth, patches, num_prefix
+
+    @property
+    def cut(self) -> int | None:
+        return self.depth - 1 if self.depth > 2 else None
+
+    def positions(self) -> list[int]:
+        """Where shapes place reductions (the cut block apart)."""
+        return list(range(self.first, self.depth - 1))
+
+    def shapes(self) -> list[tuple[str, dict[int, float]]]:
+        """``(label, {location: weight})`` schedules to try: reductions from one of the first five
+        blocks on, in every block or every third, flat, falling (more tokens early, where they
+        save most) or rising (more late, where they lose least)."""
+        out = []
+        pos = self.positions()
+        for start in pos[:5]:
+            for step in self.steps:
+                locs = [b for b in pos if b >= start and (b - start) % step == 0]
+                for profile in self.profiles:
+                    out.append((f"from {start} every {step} {profile}", _profile(locs, profile)))
+        return out
+
+    steps: tuple[int, ...] = (1, 3)
+    profiles: tuple[str, ...] = ("flat", "falling", "rising")
+
+    def spec(self, values: dict[int, int]) -> str:
+        raise NotImplementedError
+
+    def limit(self, values: dict[int, int], loc: int) -> int:
+        """The most tokens location ``loc`` may remove given the earlier locations' values."""
+        raise NotImplementedError
+
+    def fill(self, weights: dict[int, float], amount: float, cut: bool) -> dict[int, int]:
+        """``round(amount * weight)`` tokens at each location (within the limits, in block order), and
+        as many as allowed at the cut block when ``cut``."""
+        values: dict[int, int] = {}
+        for loc in sorted(weights):
+            v = min(round(amount * weights[loc]), self.limit(values, loc))
+            if v > 0:
+                values[loc] = v
+        if cut and self.cut is not None:
+            v = self.limit(values, self.cut)
+            if v > 0:
+                values[self.cut] = v
+        return values
+
+    def first_block(self, values: dict[int, int]) -> int:
+        """The block a pass of ``values`` can resume at (its first reduction)."""
+        return min((b for b, v in values.items() if v > 0), default=0) if self.resumable else 0
+
+
+def _profile(locs: list[int], profile: str) -> dict[int, float]:
+    """Weights over ``locs``: ``flat`` (all 1), ``falling`` (1.5 to 0.5) or ``rising`` (0.5 to 1.5)."""
+    n = len(locs)
+    if profile == "flat" or n == 1:
+        return dict.fromkeys(locs, 1.0)
+    ramp = [1.5 - i / (n - 1) for i in range(n)]
+    return dict(zip(locs, ramp if profile == "falling" else ramp[::-1]))
+
+
+class ToMeKnob(Knob):
+    method = "tome"
+    first = 0
+    steps = (1,)
+
+    def spec(self, values: dict[int, int]) -> str:
+        r = [values.get(b, 0) for b in range(self.depth)]
+        while len(r) > 1 and r[-1] == 0:
+            r.pop()
+        return format_spec("tome", {"r": r})
+
+    def limit(self, values: dict[int, int], loc: int) -> int:
+        n = self.patches - sum(v for b, v in values.items() if b < loc)
+        return n // 2  # ToMe merges at most half of the patch tokens per block
+
+
+class TopKKnob(Knob):
+    """Top-K / EViT: ``values[loc]`` patch tokens dropped at ``loc`` (EViT keeps one fused token more)."""
+    method = "topk"
+    fuse = False
+
+    def _before(self, values: dict[int, int], loc: int) -> int:
+        earlier = [v for b, v in values.items() if b < loc and v > 0]
+        return self.patches - sum(earlier) + (len(earlier) if self.fuse else 0)
+
+    def spec(self, values: dict[int, int]) -> str:
+        locs = sorted(b for b, v in values.items() if v > 0)
+        if not locs:
+            return format_spec(self.method, {"tokens": self.patches, "locations": [self.depth - 1]})
+        kept = [self._before(values, b) - values[b] for b in locs]
+        return format_spec(self.method, {"locations": locs, "tokens": kept})
+
+    def limit(self, values: dict[int, int], loc: int) -> int:
+        return max(0, self._before(values, loc) - 1)
+
+
+class EViTKnob(TopKKnob):
+    method = "evit"
+    fuse = True
+
+
+class PPTKnob(Knob):
+    method = "ppt"
+
+    def spec(self, values: dict[int, int]) -> str:
+        locs = sorted(b for b, v in values.items() if v > 0)
+        if not locs:
+            return format_spec("ppt", {"r": 0, "locations": [self.depth - 1]})
+        return format_spec("ppt", {"locations": locs, "r": [values[b] for b in locs]})
+
+    def limit(self, values: dict[int, int], loc: int) -> int:
+        n = self.patches - sum(v for b, v in values.items() if b < loc)
+        return n // 2  # both branches remove at most half of the patch tokens
+
+
+class EvoViTKnob(Knob):
+    """Evo-ViT: ``values[stage start]`` patch tokens sent down the fast path in that stage."""
+    method = "evovit"
+    resumable = False
+
+    @property
+    def cut(self) -> int | None:
+        return None
+
+    def positions(self) -> list[int]:
+        return default_stages(self.depth)
+
+    def shapes(self) -> list[tuple[str, dict[int, float]]]:
+        return [(f"stages {profile}", _profile(self.positions(), profile)) for profile in self.profiles]
+
+    def spec(self, values: dict[int, int]) -> str:
+        rates = [_rate_for(self.patches - values.get(s, 0), self.patches) for s in self.positions()]
+        return format_spec("evovit", {"keep_rate": rates})
+
+    def limit(self, values: dict[int, int], loc: int) -> int:
+        return self.patches - 1
+
+
+def _rate_for(kept: int, n: int) -> float:
+    """The shortest keep rate (4 decimals) with ``floor(n * rate) == kept`` (Evo-ViT's rounding)."""
+    return min(1.0, math.ceil(kept / n * 1e4) / 1e4)
+
+
+TUNABLE: dict[str, type[Knob]] = {k.method: k for k in (ToMeKnob, TopKKnob, EViTKnob, PPTKnob, EvoViTKnob)}
+"""Methods :func:`tune` searches, with their schedules."""
+
+
+# ----------------------------------------------------------------------------- results
+
+@dataclass
+class Candidate:
+    """One schedule: its spec and what was measured of it.
+
+    ``predicted_speedup`` from the cost model (searched rows); ``speedup`` measured in the
+    final interleaved timing; ``search_*`` on the screening images (searched rows),
+    ``select_*`` on the selection images (what the choice is made on), ``agreement`` / ``kl``
+    / ``top1`` on the held-out images (what is reported). ``role``: ``unreduced``,
+    ``default`` (a method's hand-set default), ``path`` (the best shape on the way to the
+    target: the front), ``finalist`` (a searched schedule at the target) or ``chosen``.
+    ``pareto``: no other row is both faster (or fewer GMACs) and lower in held-out KL.
+    """
+    spec: str
+    method: str
+    role: str = "path"
+    gmacs: float | None = None
+    predicted_speedup: float | None = None
+    speedup: float | None = None
+    search_agreement: float | None = None
+    search_kl: float | None = None
+    select_agreement: float | None = None
+    select_kl: float | None = None
+    agreement: float | None = None
+    kl: float | None = None
+    top1: float | None = None
+    pareto: bool = False
+
+
+@dataclass
+class TuneResult:
+    """What :func:`tune` found: the measured candidates (``rows``: unreduced, defaults, finalists
+    and front points, by measured speed-up), the Pareto ``front`` of them (measured speed-up
+    against held-out KL), the ``choice``, the ``target`` speed-up (or GMACs) and whether the
+    choice meets it, and the seconds the run took."""
+    rows: list[Candidate]
+    front: list[Candidate]
+    choice: Candidate
+    target: float
+    target_kind: str
+    met_target: bool
+    seconds: float
+    search_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- fidelity
+
+def fidelity(logits: Tensor, reference: Tensor) -> tuple[float, float]:
+    """``(agreement %, mean KL(reference || logits))`` of class logits against reference logits."""
+    agreement = 100.0 * (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    ref = F.log_softmax(reference.float(), dim=-1)
+    kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), ref, log_target=True, reduction="batchmean").item()
+    return agreement, kl
+
+
+class Evaluator:
+    """Logits of a model, as patched now, on fixed image batches.
+
+    The tokens entering every block of the *unreduced* model are kept (``resume``), so a
+    schedule whose first reduction is at block ``b`` runs only blocks ``b`` onwards: until its
+    first reduction it computes exactly what the unreduced model does.
+    """
+
+    def __init__(self, model: nn.Module, family: TokenFamily, batches: list[Tensor], device: torch.device,
+                 dtype: torch.dtype, resume: bool = False) -> None:
+        self.model, self.family, self.device, self.dtype = model, family, device, dtype
+        self.depth = len(family.blocks)
+        self.size = sum(len(b) for b in batches)
+        self.inputs: list[list[Tensor]] = []  # [batch][block]: tokens entering the block, unreduced
+        with torch.inference_mode(), self._autocast():
+            for images in batches:
+                x = family.run_to(images.to(device), 0)
+                entering = [x]
+                if resume:
+                    for i in range(self.depth - 1):
+                        x = family.run_blocks(x, i, i + 1)
+                        entering.append(x)
+                self.inputs.append(entering)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def logits(self, start: int = 0) -> Tensor:
+        """Logits of the model as patched now, from block ``start`` on (``start`` > 0: the model
+        reduces nothing before it, and the evaluator keeps every block's input)."""
+        state = token_state(self.model) if is_patched(self.model) else None
+        out = []
+        with torch.inference_mode(), self._autocast():
+            for entering in self.inputs:
+                x = entering[start]
+                if state is not None:
+                    state.start(x)
+                x = self.family.run_blocks(x, start, self.depth)
+                out.append(output_logits(self.family.forward_head(self.family.final_norm_tokens(x))).float())
+                if state is not None:
+                    state.finish()
+        return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------- cost
+
+@dataclass
+class Schedule:
+    """Token counts one image's attention and MLP see in each block, and the GMACs, from a probe pass."""
+    attention: list[int]
+    mlp: list[int]
+    gmacs: float
+
+    @property
+    def reductions(self) -> int:
+        """Blocks that reduce tokens (between attention and MLP, or before the block)."""
+        inner = sum(m < a for a, m in zip(self.attention, self.mlp))
+        before = sum(a < m for a, m in zip(self.attention[1:], self.mlp[:-1]))
+        return inner + before
+
+
+def probe(model: nn.Module, family: TokenFamily, size: Sequence[int], count: bool = True) -> Schedule:
+    """One image through ``model`` (as patched now), counting each block's attention and MLP tokens,
+    and its GMACs when ``count`` (NaN otherwise: a plain pass is about 10x cheaper)."""
+    counts: dict[tuple[int, int], int] = {}
+    handles = []
+    for i in range(len(family.blocks)):
+        for j, module in enumerate(family.token_probes(i)):
+            def hook(_m: nn.Module, args: tuple, i: int = i, j: int = j) -> None:
+                counts[i, j] = int(args[0].shape[1])
+            handles.append(module.register_forward_pre_hook(hook))
+    try:
+        if count:
+            g = gmacs(model, size)
+        else:
+            device, dtype = next(((p.device, p.dtype) for p in model.parameters()), (None, None))
+            with torch.inference_mode():
+                model(torch.zeros(1, *size, device=device, dtype=dtype))
+            g = math.nan
+    finally:
+        for h in handles:
+            h.remove()
+    depth = len(family.blocks)
+    return Schedule([counts[i, 0] for i in range(depth)], [counts[i, 1] for i in range(depth)], g)
+
+
+class CostModel:
+    """Predicted seconds of a batch from a schedule.
+
+    One block is timed on its own at a grid of token counts (:func:`time_blocks`), fitted with a
+    quadratic in the token count and scaled so that the unreduced model's blocks plus its
+    embedding (``fixed``, timed too) add up to the unreduced model's measured time ``total``;
+    a schedule's time is the sum over its blocks' token counts. ``overhead[method]``: seconds a method's own work
+    (scoring, matching, gathering) adds per reducing block, from timing its hand-set default
+    for real.
+    """
+
+    ATTENTION_SHARE = 1 / 3
+    """Share of a block's time spent before its MLP (the attention sublayer: a third of a ViT
+    block's multiply-adds at 4x MLP width); a reduction between them splits the block's cost."""
+
+    def __init__(self, grid: list[int], seconds: list[float], total: float, fixed: float, depth: int) -> None:
+        self.depth, self.total = depth, total
+        self.fixed = min(fixed, 0.5 * total)
+        # a block's time is a + b n + c n^2 (projections and MLP linear in n, attention quadratic):
+        # a least-squares fit smooths the timing noise of single grid points
+        n = torch.tensor(grid, dtype=torch.float64)
+        design = torch.stack([torch.ones_like(n), n, n * n], dim=1)
+        coef = torch.linalg.lstsq(design, torch.tensor(seconds, dtype=torch.float64).unsqueeze(1)).solution
+        self.coef = [float(c) for c in coef.squeeze(1)]
+        self.scale = 1.0
+        self.scale = (total - self.fixed) / (depth * self.block(grid[-1]))
+        self.overhead: dict[str, float] = {}
+
+    def block(self, n: float) -> float:
+        """Seconds of one block on ``n`` tokens (the fit, scaled to the whole model)."""
+        a, b, c = self.coef
+        return self.scale * max(0.0, a + b * n + c * n * n)
+
+    def raw(self, schedule: Schedule) -> float:
+        """Seconds of the blocks at ``schedule``'s token counts, plus the fixed part."""
+        a = self.ATTENTION_SHARE
+        return self.fixed + sum(a * self.block(na) + (1 - a) * self.block(nm)
+                                for na, nm in zip(schedule.attention, schedule.mlp))
+
+    def seconds_of(self, schedule: Schedule, method: str) -> float:
+        return self.raw(schedule) + self.overhead.get(method, 0.0) * schedule.reductions
+
+    def speedup(self, schedule: Schedule, method: str) -> float:
+        return self.total / self.seconds_of(schedule, method)
+
+
+def time_blocks(family: TokenFamily, batch: int, grid: list[int], device: torch.device, dtype: torch.dtype,
+                reps: int = 7) -> list[float]:
+    """Median seconds of block 0 (unpatched) on ``(batch, n, C)`` tokens for each ``n`` of ``grid``."""
+    width = family.width()
+    out = []
+    with torch.inference_mode(), _autocast(device, dtype):
+        for n in grid:
+            x = torch.randn(batch, n, width, device=device)
+            family.run_blocks(x, 0, 1)
+            times = []
+            for _ in range(reps):
+                synchronize(device)
+                start = time.perf_counter()
+                family.run_blocks(x, 0, 1)
+                synchronize(device)
+                times.append(time.perf_counter() - start)
+            out.append(statistics.median(times))
+    return out
+
+
+def _autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- the search
+
+@dataclass
+class _Point:
+    """An evaluated schedule: its values, spec, token counts, cost and fidelity on the search images."""
+    method: str
+    values: dict[int, int]
+    spec: str
+    schedule: Schedule
+    cost: float          # predicted seconds (speed-up target) or GMACs (GMACs target)
+    agreement: float
+    kl: float
+    label: str = ""
+    weights: dict[int, float] = field(default_factory=dict)  # the shape it was scaled from
+    cut: bool = False
+
+
+class _Search:
+    """One tune run's search: every method's shapes scaled to the goal, then the best refined."""
+
+    def __init__(self, model: nn.Module, family: TokenFamily, evaluator: Evaluator, reference: Tensor,
+                 cost: CostModel, size: Sequence[int], kind: str, advance: Callable[[str], None]) -> None:
+        self.model, self.family, self.evaluator, self.reference = model, family, evaluator, reference
+        self.cost, self.size, self.kind, self.advance = cost, size, kind, advance
+        self.seen: dict[str, _Point] = {}
+        self.evaluations = 0
+
+    def cost_of(self, knob: Knob, values: dict[int, int]) -> tuple[float, Schedule]:
+        """The predicted cost of ``values`` and their token counts (a one-image probe)."""
+        patch(self.model, knob.spec(values))
+        schedule = probe(self.model, self.family, self.size, count=self.kind == "gmacs")
+        cost = self.cost.seconds_of(schedule, knob.method) if self.kind == "speedup" else schedule.gmacs
+        return cost, schedule
+
+    def solve(self, knob: Knob, weights: dict[int, float], cut: bool, goal: float,
+              ) -> tuple[dict[int, int], Schedule, float] | None:
+        """The least scaling of ``weights`` whose cost reaches ``goal`` (bisection on the amount),
+        or None when even the most the shape can remove does not."""
+        most = float(knob.patches)
+        values = knob.fill(weights, most, cut)
+        cost, schedule = self.cost_of(knob, values)
+        if cost > goal:
+            return None
+        lo, hi, best = 0.0, most, (values, schedule, cost)
+        while hi - lo > 0.5:
+            mid = (lo + hi) / 2
+            values = knob.fill(weights, mid, cut)
+            cost, schedule = self.cost_of(knob, values)
+            if cost <= goal:
+                hi, best = mid, (values, schedule, cost)
+            else:
+                lo = mid
+        return best
+
+    def at_goal(self, knob: Knob, weights: dict[int, float], cut: bool, goal: float, label: str) -> _Point | None:
+        """The shape ``weights`` scaled to ``goal`` and evaluated (None if it cannot reach the goal)."""
+        solved = self.solve(knob, weights, cut, goal)
+        if solved is None:
+            return None
+        values, schedule, cost = solved
+        spec = knob.spec(values)
+        if spec not in self.seen:
+            patch(self.model, spec)
+            agreement, kl = fidelity(self.evaluator.logits(knob.first_block(values)), self.reference)
+            self.seen[spec] = _Point(knob.method, dict(values), spec, schedule, cost, agreement, kl, label,
+                                     dict(weights), cut)
+            self.evaluations += 1
+            self.advance(f"{knob.method} {label}: KL {kl:.4f}")
+        return self.seen[spec]
+
+    def shapes(self, knob: Knob, goal: float, deadline: float) -> list[_Point]:
+        """Every shape of ``knob`` scaled to ``goal`` and evaluated, best (lowest KL) first; the best
+        shape is also tried with the cut at the last block."""
+        found = []
+        for label, weights in knob.shapes():
+            if time.perf_counter() > deadline and found:
+                break
+            point = self.at_goal(knob, weights, False, goal, label)
+            if point is not None:
+                found.append(point)
+        found.sort(key=lambda p: p.kl)
+        if found and knob.cut is not None and time.perf_counter() < deadline:
+            cut = self.at_goal(knob, found[0].weights, True, goal, found[0].label + ", cut")
+            if cut is not None:
+                found = sorted([*found, cut], key=lambda p: p.kl)
+        return found
+
+    def refine(self, knob: Knob, point: _Point, goal: float, deadline: float) -> _Point:
+        """Coordinate search from ``point``: halve or raise one location's weight (or add a
+        location), rescaled to the goal; keep a change that lowers the KL by more than 3% (smaller
+        gains are within what fitting the screening images gives)."""
+        improved = True
+        while improved and time.perf_counter() < deadline:
+            improved = False
+            for loc in knob.positions():
+                for factor in (0.5, 1.5):
+                    if time.perf_counter() > deadline:
+                        return point
+                    trial = dict(point.weights)
+                    trial[loc] = trial.get(loc, 0.5 / factor) * factor
+                    new = self.at_goal(knob, trial, point.cut, goal, point.label.split(" (")[0] + " (refined)")
+                    if new is not None and new.kl < point.kl * 0.97:
+                        point, improved = new, True
+        return point
+
+
+# ----------------------------------------------------------------------------- the run
+
+def _load_images(images: str | Path, model: nn.Module, wnids: str | Path | None,
+                 limit: int | None) -> tuple[Tensor, Tensor | None]:
+    data = image_dataset(images, model, wnids, training=False, limit=limit, labelled=wnids is not None)
+    items = [data[i] for i in range(len(data))]
+    if len(items) < 2:
+        raise TokenSparseError(f"tune needs at least 2 images (a search and a held-out part), found {len(items)} "
+                               f"in {str(images)!r}")
+    x = torch.stack([im for im, _ in items])
+    labels = torch.tensor([lab for _, lab in items])
+    return x, (None if bool((labels == UNLABELLED).all()) else labels)
+
+
+def _batches(x: Tensor, batch_size: int) -> list[Tensor]:
+    return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+def default_methods(model: nn.Module) -> list[str]:
+    """Every tunable training-free method that supports ``model``."""
+    return [name for name in TUNABLE if get_method(name)().supports(model)]
+
+
+def check_target(speedup: float | str | None, gmacs_target: float | None) -> tuple[str, float | str]:
+    """``("speedup" | "gmacs", target)``: a speed-up > 1, a method spec (its measured speed-up), or
+    GMACs > 0; exactly one of them. A clear error otherwise."""
+    if (speedup is None) == (gmacs_target is None):
+        raise TokenSparseError("give exactly one target: speedup=X (or a method spec whose measured speed-up to "
+                               "match) or gmacs=G")
+    if gmacs_target is not None:
+        if isinstance(gmacs_target, bool) or not isinstance(gmacs_target, (int, float)) or not gmacs_target > 0 \
+                or not math.isfinite(gmacs_target):
+            raise TokenSparseError(f"gmacs must be a positive number, got {gmacs_target!r}")
+        return "gmacs", float(gmacs_target)
+    if isinstance(speedup, str):
+        name, options = parse_spec(speedup)
+        get_method(name)(**options)  # unknown method or option: the registry's error
+        return "speedup", format_spec(name, options)
+    if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not math.isfinite(speedup) \
+            or not speedup > 1:
+        raise TokenSparseError(f"speedup must be a number > 1 (how many times faster than unreduced), got {speedup!r}")
+    return "speedup", float(speedup)
+
+
+SEARCH_IMAGES = 256
+"""The most even positions used: the first half screens schedules, the second half selects among
+the finalists (so the choice is not made on the images the screening fitted); every odd position
+is held out for the reported numbers."""
+
+
+@dataclass
+class _Setup:
+    """What the search and the finalists share: images, references, the cost model, the target."""
+    family: TokenFamily
+    size: tuple[int, int, int]
+    search: Evaluator
+    select: Evaluator
+    held: Evaluator
+    search_reference: Tensor
+    select_reference: Tensor
+    held_reference: Tensor
+    held_labels: Tensor | None
+    cost: CostModel
+    defaults: dict[str, str]
+    target: float
+    goal: float
+    tokens: int
+    kind: str
+    base_gmacs: float
+    target_row: str | None
+    """The row whose measured speed-up is the target (a spec target), or None."""
+
+
+def _setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids: str | Path | None, limit: int | None,
+           search_images: int, names: list[str], kind: str, target_spec: float | str, batch_size: int,
+           threads: int | None, dev: torch.device, dtype: str, runs: int, progress: bool) -> _Setup:
+    """Images and reference logits, the cost model (calibrated with the defaults' real timing), the target."""
+    amp = resolve_dtype(dtype)
+    size = input_size(model)
+    x, labels = _load_images(images, model, wnids, limit)
+    even, held_x = x[0::2][:search_images], x[1::2]
+    screen_x, select_x = even[:(len(even) + 1) // 2], even[(len(even) + 1) // 2:]
+    if len(select_x) == 0:
+        raise TokenSparseError(f"tune needs at least 4 images (to search, select and hold out), found {len(x)}")
+    with progress_bar("tune: setup", 4, progress) as advance:
+        search = Evaluator(model, family, _batches(screen_x, batch_size), dev, amp, resume=True)
+        select = Evaluator(model, family, _batches(select_x, batch_size), dev, amp)
+        held = Evaluator(model, family, _batches(held_x, batch_size), dev, amp)
+        search_ref, select_ref, held_ref = search.logits(), select.logits(), held.logits()
+        advance()
+        n_all, P = int(search.inputs[0][0].shape[1]), family.num_prefix
+        grid = sorted({max(P + 1, round(P + (n_all - P) * f)) for f in GRID})
+        blocks = time_blocks(family, batch_size, grid, dev, amp)
+        fixed = _time_embedding(family, even[:batch_size], dev, amp)
+        advance()
+        defaults = {name: name for name in names}
+        target_row = None
+        if isinstance(target_spec, str):  # time the target spec as a default (or the default it equals)
+            target_row = next((name for name in names if _same_config(target_spec, name)), target_spec)
+            defaults[target_row] = target_row
+        variants = build_variants(model, list(defaults.values()))
+        times = timed_runs(variants, batch_size=batch_size, input_size=size, threads=threads, device=dev,
+                           dtype=dtype, warmup=1, runs=runs)
+        advance()
+        unreduced = statistics.median(times[BASELINE])
+        cost = CostModel(grid, blocks, unreduced, fixed, len(family.blocks))
+        for name in names:
+            patch(model, name)
+            sched = probe(model, family, size, count=False)
+            extra = statistics.median(times[name]) - cost.raw(sched)
+            cost.overhead[name] = max(0.0, extra) / max(1, sched.reductions)
+        unpatch(model)
+        advance()
+    base_gmacs = gmacs(model, size)
+    if kind == "speedup":
+        target = unreduced / statistics.median(times[target_row]) if target_row is not None else target_spec
+        ceiling = unreduced / (cost.fixed + cost.block(n_all) + (len(family.blocks) - 1) * cost.block(P + 1))
+        if target <= 1.0:
+            raise TokenSparseError(f"{target_spec} measured {target:.2f}x here, not faster than the unreduced model: "
+                                   f"nothing to tune for")
+        if target >= ceiling:
+            raise TokenSparseError(f"a speed-up of {target:.2f}x is out of reach here: even keeping a single patch "
+                                   f"token after the first block gives at most {ceiling:.2f}x")
+        goal = unreduced / (target * (1 + MARGIN))
+    else:
+        target = goal = float(target_spec)
+        if target >= base_gmacs:
+            raise TokenSparseError(f"the unreduced model has {base_gmacs:.3f} GMACs, no more than the target "
+                                   f"{target:g}: give a smaller target")
+        patch(model, format_spec("topk", {"tokens": 1, "locations": [1]}))
+        floor = probe(model, family, size).gmacs
+        unpatch(model)
+        if target <= floor:
+            raise TokenSparseError(f"{target:g} GMACs is out of reach: even keeping a single patch token after the "
+                                   f"first block takes {floor:.3f} GMACs")
+    return _Setup(family, size, search, select, held, search_ref, select_ref, held_ref,
+                  None if labels is None else labels[1::2], cost, defaults, float(target), goal, n_all - P, kind,
+                  base_gmacs, target_row)
+
+
+GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+"""Token counts the cost model times a block at, as shares of the patch tokens."""
+MARGIN = 0.03
+"""The search aims this much past a speed-up target: the final timing, on a busy machine, varies."""
+
+
+def _time_embedding(family: TokenFamily, images: Tensor, device: torch.device, dtype: torch.dtype) -> float:
+    """Median seconds of the model's embedding (everything before block 0) on one batch."""
+    images = images.to(device)
+    times = []
+    with torch.inference_mode(), _autocast(device, dtype):
+        for _ in range(4):
+            synchronize(device)
+            start = time.perf_counter()
+            family.run_to(images, 0)
+            synchronize(device)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = None,
+         gmacs: float | None = None, methods: Sequence[str] | None = None, wnids: str | Path | None = None,
+         batch_size: int = 64, threads: int | None = None, device: str = "cpu", dtype: str = "fp32",
+         budget: float = 10.0, limit: int | None = None, search_images: int = SEARCH_IMAGES, runs: int = 8,
+         progress: bool = True) -> TuneResult:
+    """Find the schedule closest to the unreduced ``model`` (an unpatched timm ViT or transformers
+    classifier with trained weights) that is ``speedup`` times faster on this machine, or has at
+    most ``gmacs`` GMACs per image. See the module docstring for how.
+
+    ``speedup``: a number > 1, or a method spec whose speed-up, measured in this run, is the
+    target (``"tome:r=13"``: as fast as ToMe at its default). ``images``: any image folder
+    (``wnids`` adds top-1 on the held-out images): the first ``search_images`` even positions
+    are searched on (half screen, half select), every odd position is held out. ``budget``:
+    minutes for the whole run. ``runs``: timed rounds of the setup's and the final interleaved
+    timing. The model is returned unpatched, in eval mode.
+    """
+    t0 = time.perf_counter()
+    kind, target_spec = check_target(speedup, gmacs)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise TokenSparseError(f"budget must be a positive number of minutes, got {budget!r}")
+    if is_patched(model):
+        raise TokenSparseError("tune takes the unreduced model: call tokensparse.unpatch(model) first")
+    family = get_family(model)
+    if not isinstance(family, TokenFamily) or not family.reducible:
+        raise TokenSparseError(f"tune searches token schedules of ViT-style models; {family.description} is not one")
+    names = list(dict.fromkeys(methods)) if methods else default_methods(model)
+    for name in names:
+        if name not in TUNABLE:
+            raise TokenSparseError(f"tune cannot search method {name!r}; tunable: {', '.join(TUNABLE)}")
+        if not get_method(name)().supports(model):
+            raise TokenSparseError(f"method {name!r} does not support this model")
+    if not names:
+        raise TokenSparseError("no tunable method supports this model")
+    dev = measurement_device(device)
+    model.eval().to(dev)
+    with num_threads(threads), eval_mode(model):
+        setup = _setup(model, family, images, wnids, limit, positive_int(search_images, "search_images"), names,
+                       kind, target_spec, batch_size, threads, dev, dtype, runs, progress)
+        # leave time for the finalists: each is timed (runs + 1 passes) and run over the held-out images
+        held_passes = setup.held.size / batch_size
+        rows = len(setup.defaults) + FINALIST_METHODS + REFINED_METHODS + len(FRONT_LEVELS) + 1
+        finish_s = rows * (runs + 1 + held_passes) * setup.cost.total * 0.8
+        deadline = t0 + budget * 60 - min(finish_s, 0.5 * budget * 60)
+        search_start = time.perf_counter()
+        with progress_bar("tune: search", 1, progress) as advance:
+            search = _Search(model, family, setup.search, setup.search_reference, setup.cost, setup.size, kind,
+                             lambda info: advance(0, info))
+            best = _search(search, names, setup, deadline)
+            advance(1)
+            unpatch(model)
+        search_s = time.perf_counter() - search_start
+        rows = _finalists(best, setup.defaults, setup.cost)
+        _measure_finalists(model, rows, setup, batch_size, threads, dev, dtype, runs, progress)
+    target = setup.target
+    notes = []
+    if setup.target_row is not None:
+        target = next(r for r in rows if r.spec == setup.target_row).speedup
+        notes.append(f"target: {target_spec} measured {target:.2f}x in the final timing")
+    choice, met = _choose(rows, kind, target)
+    choice.role = "chosen"
+    if not met:
+        notes.append("no schedule met the target in the final timing: the choice is the closest one found "
+                     "(a larger budget searches further)")
+    front = _pareto(rows, kind)
+    return TuneResult(rows, front, choice, target, kind, met, time.perf_counter() - t0, search_s, notes)
+
+
+FINALIST_METHODS = 3
+"""Methods whose best schedule is timed for real (the best by screening KL)."""
+REFINED_METHODS = 2
+"""Methods whose best shape is refined location by location (the best by screening KL)."""
+FRONT_LEVELS = (0.5, 0.75)
+"""Besides the target, the best schedule's shape is also scaled to these shares of the target's
+speed-up (or GMACs saving), for the front."""
+
+
+def _search(search: _Search, names: list[str], setup: _Setup, deadline: float) -> list[tuple[_Point, str]]:
+    """Every method's shapes at the goal (70% of the time, split evenly), then the two best methods'
+    best shapes refined (the rest), and the best shape scaled to the front levels. Returns the
+    points to time and their roles: the best shape at the goal of the three best methods and
+    the refinements (``finalist``), and front points (``path``)."""
+    family = setup.family
+    knobs = {name: TUNABLE[name](len(family.blocks), setup.tokens, family.num_prefix) for name in names}
+    found: dict[str, list[_Point]] = {}
+    shape_end = time.perf_counter() + 0.7 * (deadline - time.perf_counter())
+    for i, name in enumerate(names):
+        share = (shape_end - time.perf_counter()) / (len(names) - i)
+        found[name] = search.shapes(knobs[name], setup.goal, time.perf_counter() + share)
+    ranked = sorted((name for name in names if found[name]), key=lambda n: found[n][0].kl)
+    out = [(found[name][0], "finalist") for name in ranked[:FINALIST_METHODS]]
+    for i, name in enumerate(ranked[:REFINED_METHODS]):
+        share = (deadline - time.perf_counter()) / (min(REFINED_METHODS, len(ranked)) - i)
+        refined = search.refine(knobs[name], found[name][0], setup.goal, time.perf_counter() + share)
+        if refined is not found[name][0]:
+            out.append((refined, "finalist"))
+    if ranked:
+        top = found[ranked[0]][0]
+        for level in FRONT_LEVELS:
+            point = search.at_goal(knobs[top.method], top.weights, top.cut, _level_goal(setup, level),
+                                   f"{level:g} of the way to the target")
+            if point is not None:
+                out.append((point, "path"))
+    return out
+
+
+def _level_goal(setup: _Setup, level: float) -> float:
+    """The cost ``level`` of the way from no reduction to the goal (speed-up, or GMACs saved)."""
+    if setup.kind == "speedup":
+        return setup.cost.total / (1 + level * (setup.cost.total / setup.goal - 1))
+    return setup.base_gmacs - level * (setup.base_gmacs - setup.goal)
+
+
+def _finalists(points: list[tuple[_Point, str]], defaults: dict[str, str], cost: CostModel) -> list[Candidate]:
+    """Rows to time: the unreduced model, the defaults and the searched points."""
+    rows = [Candidate(BASELINE, BASELINE, "unreduced")]
+    rows += [Candidate(spec, parse_spec(spec)[0], "default") for spec in defaults.values()]
+    for p, role in points:
+        if all(r.spec != p.spec for r in rows):
+            rows.append(Candidate(p.spec, p.method, role, gmacs=p.schedule.gmacs,
+                                  predicted_speedup=cost.total / cost.seconds_of(p.schedule, p.method),
+                                  search_agreement=p.agreement, search_kl=p.kl))
+    return rows
+
+
+def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, batch_size: int,
+                       threads: int | None, device: torch.device, dtype: str, runs: int, progress: bool) -> None:
+    """Every row's GMACs, fidelity on all search images and on the held-out ones, and its speed-up
+    timed for real, interleaved with the unreduced model in one run."""
+    with progress_bar("tune: finalists", len(rows) + 1, progress) as advance:
+        for r in rows:
+            if r.spec == BASELINE:
+                r.gmacs = gmacs(model, setup.size)
+                logits = setup.held_reference
+            else:
+                patch(model, r.spec)
+                r.gmacs = probe(model, setup.family, setup.size).gmacs
+                r.select_agreement, r.select_kl = fidelity(setup.select.logits(), setup.select_reference)
+                logits = setup.held.logits()
+                unpatch(model)
+            r.agreement, r.kl = fidelity(logits, setup.held_reference)
+            if setup.held_labels is not None:
+                r.top1 = 100.0 * (logits.argmax(-1).cpu() == setup.held_labels).float().mean().item()
+            advance()
+        times = timed_runs(build_variants(model, [r.spec for r in rows]), batch_size=batch_size,
+                           input_size=setup.size, threads=threads, device=device, dtype=dtype, warmup=1, runs=runs)
+        advance()
+    base = statistics.median(times[BASELINE])
+    for r in rows:
+        r.speedup = base / statistics.median(times[r.spec])
+    rows.sort(key=lambda r: r.speedup)
+
+
+def _same_config(a: str, b: str) -> bool:
+    """Whether two specs name the same method with the same options (defaults filled in)."""
+    (na, oa), (nb, ob) = parse_spec(a), parse_spec(b)
+    return na == nb and get_method(na)(**oa).config == get_method(nb)(**ob).config
+
+
+def _meets(r: Candidate, kind: str, target: float) -> bool:
+    return (r.speedup or 0) >= target if kind == "speedup" else (r.gmacs or math.inf) <= target + 1e-9
+
+
+def _choose(rows: list[Candidate], kind: str, target: float) -> tuple[Candidate, bool]:
+    """The lowest selection KL among reduced rows meeting the target; else the row closest to it."""
+    reduced = [r for r in rows if r.role != "unreduced"]
+    ok = [r for r in reduced if _meets(r, kind, target)]
+    if ok:
+        return min(ok, key=lambda r: r.select_kl), True
+    if kind == "speedup":
+        return max(reduced, key=lambda r: r.speedup or 0), False
+    return min(reduced, key=lambda r: r.gmacs or math.inf), False
+
+
+def _pareto(rows: list[Candidate], kind: str) -> list[Candidate]:
+    """Rows no other row beats on both speed (measured speed-up, or GMACs) and held-out KL."""
+    def better(a: Candidate, b: Candidate) -> bool:
+        fa, fb = (a.speedup, b.speedup) if kind == "speedup" else (-a.gmacs, -b.gmacs)
+        return fa >= fb and a.kl <= b.kl and (fa > fb or a.kl < b.kl)
+    front = [r for r in rows if not any(better(o, r) for o in rows if o is not r)]
+    for r in rows:
+        r.pareto = r in front
+    return front
+
+
+# ----------------------------------------------------------------------------- output
+
+def write_tune_csv(rows: Sequence[Candidate], path: str | Path) -> Path:
+    """Every measured row (atomically), with the columns of :class:`Candidate`."""
+    def write(f: Any) -> None:
+        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Candidate)])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
+    return atomic_write(path, write, text=True)
+
+
+def plot_tune(result: TuneResult, out: str | Path | None = None, title: str = "") -> Figure:
+    """Held-out KL and agreement against measured speed-up (or GMACs): the front, the hand-set
+    defaults, the choice and the target."""
+    speed = result.target_kind == "speedup"
+    x_of = (lambda r: r.speedup) if speed else (lambda r: r.gmacs)
+    fig = Figure(figsize=(11, 4.5))
+    axes = fig.subplots(1, 2)
+    for ax, metric, label in ((axes[0], "kl", "mean KL(unreduced || reduced), held-out"),
+                              (axes[1], "agreement", "agreement with unreduced (%), held-out")):
+        front = sorted(result.front, key=x_of)
+        ax.plot([x_of(r) for r in front], [getattr(r, metric) for r in front], "-", color="0.6", label="Pareto front")
+        for role, style in (("path", {"marker": "o", "color": "tab:blue", "label": "searched"}),
+                            ("finalist", {"marker": "s", "color": "tab:green", "label": "searched at the target"}),
+                            ("default", {"marker": "^", "color": "tab:red", "label": "hand-set defaults"})):
+            pts = [r for r in result.rows if r.role == role]
+            if pts:
+                ax.plot([x_of(r) for r in pts], [getattr(r, metric) for r in pts], linestyle="none", **style)
+            for r in pts if role == "default" else []:
+                ax.annotate(r.spec, (x_of(r), getattr(r, metric)), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+        c = result.choice
+        ax.plot([x_of(c)], [getattr(c, metric)], marker="*", markersize=15, color="black", linestyle="none",
+                label="chosen")
+        ax.axvline(result.target, color="0.3", linestyle=":", label="target")
+        ax.set_xlabel("measured speed-up vs unreduced (x)" if speed else "GMACs per image")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if out is not None:
+        save_figure(fig, out)
+    return fig
