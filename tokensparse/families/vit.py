@@ -19,7 +19,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import TokenSparseError
-from ..ops import class_attention, policy_softmax
+from ..ops import class_attention, gather_tokens, policy_softmax
 from ..state import TokenState
 from .base import HOOK, AttentionExtras, BlockHook, TokenFamily, attach, block_hook, slot, swap_class
 
@@ -118,7 +118,7 @@ def unmerge(full: Tensor, x: Tensor, token_map: Tensor, num_prefix: int) -> Tens
     ``(B, N0)`` says holds it (merged tokens broadcast back to every patch they hold); a position
     no token holds (-1: dropped) keeps its value in ``full``."""
     held = token_map >= 0
-    gathered = x.gather(1, token_map.clamp_min(0).unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    gathered = gather_tokens(x, token_map.clamp_min(0))
     return torch.where(held.unsqueeze(-1), gathered, full)
 
 

@@ -77,7 +77,7 @@ from torch import Tensor, nn
 
 from ..errors import TokenSparseError
 from ..families import AttentionExtras, BlockHook, TokenFamily, get_family
-from ..ops import gather_tokens, split_topk
+from ..ops import gather_tokens, scatter_tokens, split_topk
 from ..state import LocationInfo, TokenState
 from .base import Method, OptionInfo, check_choice, check_keep_rate, default_locations, keep_count
 
@@ -121,7 +121,7 @@ def restore_placeholders(x_patch: Tensor, inf_idx: Tensor, y_inf: Tensor, delta:
     """Complete patch map: ``x_patch`` ``(B, n, C)`` moved by ``delta`` ``(B, 1, C)`` (if any),
     with the informative tokens' new values ``y_inf`` ``(B, k, C)`` written at ``inf_idx``."""
     base = x_patch if delta is None else x_patch + delta
-    return base.scatter(1, inf_idx.unsqueeze(-1).expand(-1, -1, base.shape[-1]), y_inf)
+    return scatter_tokens(base, inf_idx, y_inf)
 
 
 def default_stages(depth: int) -> list[int]:

@@ -1,10 +1,21 @@
 """Small pure tensor functions every method is built from: score, select, merge, gather."""
 from .attention import class_attention, gather_bias, pad_bias, policy_softmax, size_bias
 from .merge import MergePlan, bipartite_soft_matching, merge_assignment, merge_tokens
-from .select import fuse_tokens, gather_tokens, keep_assignment, route_tokens, split_topk, topk_indices, with_prefix
+from .select import (
+    add_tokens_,
+    fuse_tokens,
+    gather_tokens,
+    keep_assignment,
+    route_tokens,
+    scatter_tokens,
+    split_topk,
+    topk_indices,
+    with_prefix,
+)
 
 __all__ = [
                      "MergePlan",
+                     "add_tokens_",
                      "bipartite_soft_matching",
                      "class_attention",
                      "fuse_tokens",
@@ -16,6 +27,7 @@ __all__ = [
                      "pad_bias",
                      "policy_softmax",
                      "route_tokens",
+                     "scatter_tokens",
                      "size_bias",
                      "split_topk",
                      "topk_indices",

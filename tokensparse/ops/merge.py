@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .select import gather_tokens
+from .select import add_tokens_, gather_tokens
 
 
 class MergePlan(NamedTuple):
@@ -49,15 +49,19 @@ def bipartite_soft_matching(metric: Tensor, r: int, a_start: int = 0) -> MergePl
 def merge_tokens(x: Tensor, size: Tensor, plan: MergePlan) -> tuple[Tensor, Tensor]:
     """Apply ``plan`` to patch tokens ``x`` ``(B, n, C)`` as size-weighted averages.
 
-    Returns merged tokens ``(B, n - r, C)`` ordered ``[unmerged A, B]`` and their sizes.
+    Returns merged tokens ``(B, n - r, C)`` ordered ``[unmerged A, B]`` and their sizes. Set A
+    index ``j`` is position ``2 j + a_start`` of ``x``: merged rows are gathered from the whole
+    weighted tensor and added into a copy of set B.
     """
-    xa, xb = _split_ab(x * size, plan.a_start)
-    sa, sb = _split_ab(size, plan.a_start)
-    idx = plan.dst.unsqueeze(-1)
-    xb = xb.scatter_add(1, idx.expand(-1, -1, x.shape[-1]), gather_tokens(xa, plan.src))
-    sb = sb.scatter_add(1, idx, gather_tokens(sa, plan.src))
-    merged_size = torch.cat([gather_tokens(sa, plan.unm), sb], dim=1)
-    merged = torch.cat([gather_tokens(xa, plan.unm), xb], dim=1) / merged_size
+    a, b = plan.a_start, 1 - plan.a_start
+    weighted = x * size
+    src = 2 * plan.src + a
+    xb = add_tokens_(weighted[:, b::2].clone(memory_format=torch.contiguous_format), plan.dst,
+                     gather_tokens(weighted, src))
+    sb = add_tokens_(size[:, b::2].clone(memory_format=torch.contiguous_format), plan.dst, gather_tokens(size, src))
+    unm = 2 * plan.unm + a
+    merged_size = torch.cat([gather_tokens(size, unm), sb], dim=1)
+    merged = torch.cat([gather_tokens(weighted, unm), xb], dim=1) / merged_size
     return merged, merged_size
 
 
