@@ -95,11 +95,14 @@ def test_gmacs_target_is_met_and_the_choice_reproduces_its_gmacs(photos):
 
 
 def test_speedup_target_is_met_on_a_small_model(photos):
-    model = small_vit(img_size=128)  # 256 patches: reductions pay off even at this width
-    result = tune(model, photos, speedup=1.25, methods=["tome", "ppt"], batch_size=8, budget=0.5, runs=4,
+    model = small_vit(img_size=128, embed_dim=192)  # 256 patches, ViT-Tiny's width: reductions pay off
+    result = tune(model, photos, speedup=1.2, methods=["tome", "ppt"], batch_size=8, budget=0.15, runs=4,
                   progress=False)
-    assert result.met_target, [(r.spec, r.speedup) for r in result.rows]
-    assert result.choice.speedup >= 1.25 and result.choice.role == "chosen"
+    measured = [(r.spec, r.role, r.speedup, r.predicted_speedup) for r in result.rows]
+    assert result.met_target, measured
+    assert result.choice.speedup >= 1.2 and result.choice.role == "chosen"
+    searched = [r for r in result.rows if r.predicted_speedup is not None]
+    assert searched and max(r.speedup for r in searched) >= 0.9 * 1.2, measured  # the cost model holds here
 
 
 def test_a_tiny_budget_still_returns_the_best_schedule_found(photos):

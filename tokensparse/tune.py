@@ -44,6 +44,7 @@ import csv
 import math
 import statistics
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -524,8 +525,8 @@ class _Search:
         return self.seen[spec]
 
     def shapes(self, knob: Knob, goal: float, deadline: float) -> list[_Point]:
-        """Every shape of ``knob`` scaled to ``goal`` and evaluated, best (lowest KL) first; the best
-        shape is also tried with the cut at the last block."""
+        """Every shape of ``knob`` scaled to ``goal`` and evaluated, best (lowest KL) first; the two
+        best shapes are also tried with the cut at the last block."""
         found = []
         for label, weights in knob.shapes():
             if time.perf_counter() > deadline and found:
@@ -534,11 +535,13 @@ class _Search:
             if point is not None:
                 found.append(point)
         found.sort(key=lambda p: p.kl)
-        if found and knob.cut is not None and time.perf_counter() < deadline:
-            cut = self.at_goal(knob, found[0].weights, True, goal, found[0].label + ", cut")
+        for best in found[:2] if knob.cut is not None else []:
+            if time.perf_counter() > deadline:
+                break
+            cut = self.at_goal(knob, best.weights, True, goal, best.label + ", cut")
             if cut is not None:
-                found = sorted([*found, cut], key=lambda p: p.kl)
-        return found
+                found.append(cut)
+        return sorted(found, key=lambda p: p.kl)
 
     def refine(self, knob: Knob, point: _Point, goal: float, deadline: float) -> _Point:
         """Coordinate search from ``point``: halve or raise one location's weight (or add a
@@ -701,7 +704,7 @@ def _setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids: str
 
 GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Token counts the cost model times a block at, as shares of the patch tokens."""
-MARGIN = 0.03
+MARGIN = 0.02
 """The search aims this much past a speed-up target: the final timing, on a busy machine, varies."""
 
 
@@ -769,11 +772,12 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
             best = _search(search, names, setup, deadline)
             advance(1)
             unpatch(model)
+        counts = Counter(p.method for p in search.seen.values())
         search_s = time.perf_counter() - search_start
         rows = _finalists(best, setup.defaults, setup.cost)
         _measure_finalists(model, rows, setup, batch_size, threads, dev, dtype, runs, progress)
     target = setup.target
-    notes = []
+    notes = [f"schedules evaluated: {', '.join(f'{n} {counts[n]}' for n in names)}"]
     if setup.target_row is not None:
         target = next(r for r in rows if r.spec == setup.target_row).speedup
         notes.append(f"target: {target_spec} measured {target:.2f}x in the final timing")
@@ -804,8 +808,9 @@ def _search(search: _Search, names: list[str], setup: _Setup, deadline: float) -
     knobs = {name: TUNABLE[name](len(family.blocks), setup.tokens, family.num_prefix) for name in names}
     found: dict[str, list[_Point]] = {}
     shape_end = time.perf_counter() + 0.7 * (deadline - time.perf_counter())
+    counts = {name: len(knobs[name].shapes()) + 2 for name in names}
     for i, name in enumerate(names):
-        share = (shape_end - time.perf_counter()) / (len(names) - i)
+        share = (shape_end - time.perf_counter()) * counts[name] / sum(counts[n] for n in names[i:])
         found[name] = search.shapes(knobs[name], setup.goal, time.perf_counter() + share)
     ranked = sorted((name for name in names if found[name]), key=lambda n: found[n][0].kl)
     out = [(found[name][0], "finalist") for name in ranked[:FINALIST_METHODS]]
