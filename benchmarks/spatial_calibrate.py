@@ -58,6 +58,8 @@ def main() -> None:
     p.add_argument("--rho", type=float, default=0.7)
     p.add_argument("--epochs", type=int, default=CalibrateConfig.epochs)
     p.add_argument("--lr", type=float, default=CalibrateConfig.lr)
+    p.add_argument("--views", type=int, default=CalibrateConfig.views)
+    p.add_argument("--holdout", type=float, default=CalibrateConfig.holdout)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -65,18 +67,19 @@ def main() -> None:
     torch.manual_seed(0)
     kwargs = {"ls_init_value": args.layer_scale} if args.weights is None and "convnext" in args.model else {}
     base = create_model(args.model, weights=args.weights, **kwargs)
-    calib = image_dataset(args.images, base, args.wnids, training=False, split="even")
+    calib = image_dataset(args.images, base, training=False, split="even", labelled=False)
     held_out = image_dataset(args.images, base, args.wnids, training=False, split="odd")
     spec = f"dynamicvit:rho={args.rho}"
     untrained = tokensparse.patch(copy.deepcopy(base), spec).eval()
     student = copy.deepcopy(base)
-    cfg = CalibrateConfig(epochs=args.epochs, lr=args.lr)
+    cfg = CalibrateConfig(epochs=args.epochs, lr=args.lr, views=args.views, holdout=args.holdout)
     t0 = time.perf_counter()
     calibrate_dynamicvit(student, calib, spec, cfg, out=args.out)
     seconds = time.perf_counter() - t0
     weights = f"weights {args.weights}" if args.weights else \
         "random weights" + (f" (layer scale {args.layer_scale})" if kwargs else "")
-    print(f"{args.model}, {weights}, {spec}: calibrated on {len(calib)} images (+ mirror images), "
+    print(f"{args.model}, {weights}, {spec}: calibrated on {len(calib)} unlabelled images "
+          f"(each + its mirror image + {cfg.views} random views; {cfg.holdout:.0%} held out for early stopping), "
           f"{cfg.epochs} epochs, in {seconds:.0f} s ({seconds / 60:.1f} min) with {args.threads} threads")
     print(f"held out: {len(held_out)} images; distance to the unreduced model")
     print(f"{'':34s} {'agree %':>8s} {'KL':>8s} {'feat err':>9s}")

@@ -74,6 +74,28 @@ def test_eval_gathers_kept_tokens_and_records_info():
     assert dv.describe(model)["tokens"] == [44, 31, 21]
 
 
+def test_tokens_are_ranked_by_the_keep_margin_which_does_not_saturate():
+    """Confident tokens all have log p(keep) == 0 in fp32 (a tie); their margins still differ, and the
+    pruner keeps the largest margins. Where log p(keep) has no ties both rank alike."""
+    def as_log_probs(margin: torch.Tensor) -> torch.Tensor:  # as the predictor computes them: log_softmax
+        return torch.stack([margin, torch.zeros_like(margin)], -1).log_softmax(-1)
+
+    margins = torch.tensor([[30.0, 40.0, 25.0, 35.0, -3.0, 50.0]])
+    log_probs = as_log_probs(margins)
+    assert (log_probs[0, [0, 1, 2, 3, 5], 0] == 0).all()  # log p(keep) saturates: a five-way tie
+    torch.testing.assert_close(dv.keep_margin(log_probs), margins)
+    model = tokensparse.patch(tiny(), "dynamicvit:ratios=[0.5],locations=[1]")
+    pruner = dv.prediction_modules(model)[1]
+    scores = torch.linspace(-20.0, 43.0, 64).roll(7)  # distinct margins, many saturated
+    pruner.predictor.forward = lambda x, mask=None: as_log_probs(scores).expand(x.shape[0], -1, -1)
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    kept = tokensparse.location_records(model)[0].kept[0]
+    assert torch.equal(kept.nonzero().squeeze(1), scores.topk(32).indices.sort().values)
+    not_saturated = torch.randn(1, 64, 2).log_softmax(-1)
+    assert torch.equal(dv.keep_margin(not_saturated).argsort(), not_saturated[..., 0].argsort())
+
+
 def test_default_ratios_for_vit_small_match_the_paper():
     m = dv.DynamicViT()
     sched = m.schedule(12)

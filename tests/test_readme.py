@@ -4,7 +4,8 @@ The blocks run in a scratch folder that holds what they name: ``vit_tiny.safeten
 shared ViT-Tiny weights), ``images/`` (eight of the shared photos) and ``wnids.txt``. Only
 these changes are made to the text, each of which must still match the README (so a
 renamed call cannot slip past): timm's ``pretrained=True`` loads the shared weights file
-instead of a hub, and training runs a few steps instead of 30 epochs.
+instead of a hub, training runs a few steps instead of 30 epochs, and ``tune`` a few seconds
+at a small batch.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 FAST = {  # README text -> what the test runs instead (each must occur in the README)
     "CalibrateConfig()": "CalibrateConfig(epochs=1, imitation_epochs=1, batch_size=4)",
     "TrainConfig(epochs=30)": "TrainConfig(epochs=1, batch_size=4, max_steps=2, num_workers=0)",
+    "speedup=1.5)": "speedup=1.2, batch_size=4, runs=1, budget=0.05)",
 }
 
 

@@ -257,17 +257,26 @@ def test_cli_errors_exit_2(argv, match, capsys):
 
 
 def test_cli_calibrate_on_an_unlabelled_folder(tmp_path, capsys):
-    """Without a class list, calibrate reads every image under --images, whatever its name."""
+    """calibrate reads every image under --images, whatever its name, with no class list (a wnids.txt
+    beside it is not needed and not used); an unreadable file is skipped and counted."""
     root = tmp_path / "photos"
     g = torch.Generator().manual_seed(0)
-    for name in ("holiday.jpg", "IMG 2.png", "trip/day1/beach.JPEG"):
+    for name in ("holiday.jpg", "IMG 2.png", "trip/day1/beach.JPEG", "scan.webp"):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / name)
+    (root / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (root / "notes.txt").write_text("not an image")
+    (tmp_path / "wnids.txt").write_text("n01440764 tench\n")  # a class list beside the folder: ignored
     rc = main(["calibrate", "--model", "test_vit", "--images", str(root), "--method", "dynamicvit:rho=0.5",
                "--out", str(tmp_path / "p.safetensors"), "--epochs", "1", "--imitation-epochs", "1",
                "--batch-size", "2", "--no-flip"])
     assert rc == 0, capsys.readouterr().err
-    assert "calibrated 3 images" in capsys.readouterr().out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "calibrated 4 images; skipped 1 unreadable image" in out and "broken.jpg" in out
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    rc = main(["calibrate", "--model", "test_vit", "--images", str(empty), "--out", str(tmp_path / "q.safetensors")])
+    assert rc == 2 and "no images found" in capsys.readouterr().err
 
 
 def test_config_defaults_and_shared_validation():
@@ -278,8 +287,8 @@ def test_config_defaults_and_shared_validation():
         "max_steps": None}
     assert asdict(CalibrateConfig()) == {
         "epochs": 3, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05, "warmup_epochs": 1.0, "min_lr": 1e-5,
-        "ratio_weight": None, "distill_weight": 0.5, "token_weight": 0.5, "flip": True, "imitation_epochs": 30,
-        "imitation_lr": 1e-3, "seed": 0, "num_workers": 0}
+        "ratio_weight": None, "distill_weight": 0.5, "token_weight": 0.5, "flip": True, "views": 4, "holdout": 0.1,
+        "imitation_epochs": 30, "imitation_lr": 1e-3, "imitation_target": "rollout", "seed": 0, "num_workers": 0}
     assert issubclass(TrainConfig, LearningConfig) and issubclass(CalibrateConfig, LearningConfig)
     CalibrateConfig(epochs=0).validate()  # calibration may skip the end-to-end epochs
     for config, kw, match in [
@@ -291,6 +300,9 @@ def test_config_defaults_and_shared_validation():
             (CalibrateConfig, {"num_workers": -1}, "num_workers"),
             (TrainConfig, {"max_steps": 0}, "max_steps"),
             (CalibrateConfig, {"lr": 0.0}, "lr must be > 0"),
-            (CalibrateConfig, {"imitation_epochs": -1}, "imitation_epochs")]:
+            (CalibrateConfig, {"imitation_epochs": -1}, "imitation_epochs"),
+            (CalibrateConfig, {"views": -1}, "views"),
+            (CalibrateConfig, {"holdout": 1.0}, "holdout must be a number in"),
+            (CalibrateConfig, {"imitation_target": "gradient"}, "imitation_target must be one of")]:
         with pytest.raises(TokenSparseError, match=match):
             config(**kw).validate()

@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 
 from . import __version__
 from .api import list_methods, patch
-from .data import ImageNetFolder, check_class_count, image_dataset, worker_error_message
+from .data import ImageNetFolder, check_class_count, drop_unreadable, image_dataset, worker_error_message
 from .errors import TokenSparseError
 from .export import export_onnx
 from .families import get_family
@@ -33,7 +33,7 @@ from .methods.dynamicvit import describe
 from .models import HF_PREFIX, create_model
 from .spec import format_spec, parse_spec
 from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
-from .train.calibrate import CalibrateConfig, calibrate_dynamicvit, check_output_file, method_plan
+from .train.calibrate import IMITATION_TARGETS, CalibrateConfig, calibrate_dynamicvit, check_output_file, method_plan
 from .train.config import LearningConfig
 from .train.finetune import CHECKPOINT, PREDICTORS, TrainConfig, finetune_dynamicvit
 from .tune import TUNABLE, check_target, plot_tune, tune, write_tune_csv
@@ -396,20 +396,30 @@ def learning_config(config: type[LearningConfig], args: argparse.Namespace, **op
     return config(**{field: getattr(args, dest) for field, dest in LEARNING_OPTIONS.items()}, **options)
 
 
-def training_images(args: argparse.Namespace, model: nn.Module, training: bool, labels: bool) -> Dataset:
-    """The --images folder with the model's transforms, --limit and --split applied.
+def training_images(args: argparse.Namespace, model: nn.Module, training: bool,
+                    labels: bool) -> tuple[Dataset, list[Path]]:
+    """The --images folder with the model's transforms, --limit and --split applied, and the
+    unreadable image files left out (:func:`~tokensparse.data.drop_unreadable`).
 
-    ``labels``: the folder must be labelled (ImageNet layouts); otherwise it is read as
-    labelled only when a class list is given or found, else as an unlabelled folder.
+    ``labels``: the folder must be labelled (ImageNet layouts: ``train``'s cross-entropy);
+    otherwise every image under the folder is read, any name, flat or nested, and a class
+    list is not needed (``calibrate``).
     """
     if args.images is None:
         raise TokenSparseError("--images DIR is required")
-    wnids = find_wnids(args.images, args.wnids)
+    wnids = find_wnids(args.images, args.wnids) if labels else None
     data = image_dataset(args.images, model, wnids, training=training, split=args.split, limit=args.limit,
-                         labelled=labels or wnids is not None)
+                         labelled=labels)
     if labels:
         check_class_count(data, model, args.model)  # more classes than the head has outputs
-    return data
+    return drop_unreadable(data)
+
+
+def skipped_note(skipped: Sequence[Path]) -> str:
+    """The summary's note on unreadable images ('' when none)."""
+    if not skipped:
+        return ""
+    return f"; skipped {len(skipped)} unreadable image{'s' * (len(skipped) > 1)} (e.g. {str(skipped[0])!r})"
 
 
 def add_train_parser(subparsers: Any) -> None:
@@ -443,12 +453,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                           checkpoint_every=args.checkpoint_every, max_steps=args.max_steps)
     cfg.validate()  # bad options fail before the model is loaded
     model = learning_setup(args)
-    data = training_images(args, model, training=True, labels=True)
+    data, skipped = training_images(args, model, training=True, labels=True)
     finetune_dynamicvit(model, data, args.out, args.method, cfg, resume=args.resume, device=args.device,
                         overwrite=args.overwrite)
     if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        Console().print(f"trained on {len(data)} images; checkpoint {args.out / CHECKPOINT}, "
-                        f"predictors {args.out / PREDICTORS}")
+        Console().print(f"trained on {len(data)} images{skipped_note(skipped)}; checkpoint {args.out / CHECKPOINT}, "
+                        f"predictors {args.out / PREDICTORS}", markup=False)
     return 0
 
 
@@ -464,24 +474,33 @@ def add_calibrate_parser(subparsers: Any) -> None:
     add_learning_args(p, CalibrateConfig, device="cpu", device_help="torch device (default: cpu)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="predictors .safetensors file")
     p.add_argument("--no-flip", action="store_true", help="do not add mirrored copies of the images")
+    p.add_argument("--views", type=non_negative_int, default=CalibrateConfig.views, metavar="N",
+                   help="random views per image: crop, flip, brightness / contrast (default: %(default)s)")
+    p.add_argument("--holdout", type=float, default=CalibrateConfig.holdout, metavar="S",
+                   help="share of the images held out to keep the epoch closest to the unreduced model "
+                        "(0: the last epoch; default: %(default)s)")
     p.add_argument("--imitation-epochs", type=non_negative_int, default=CalibrateConfig.imitation_epochs,
-                   metavar="N", help="warm-start epochs imitating the teacher's class-attention ranking "
+                   metavar="N", help="warm-start epochs teaching predictors the teacher's token ranking "
                                      "(0: off; default: %(default)s)")
+    p.add_argument("--imitation-target", choices=IMITATION_TARGETS, default=CalibrateConfig.imitation_target,
+                   help="the ranking the warm start teaches: rollout (how much each token reaches the class "
+                        "token at the end) or attention (the block's class attention) (default: %(default)s)")
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Run ``tokensparse calibrate``."""
-    cfg = learning_config(CalibrateConfig, args, flip=not args.no_flip, imitation_epochs=args.imitation_epochs)
+    cfg = learning_config(CalibrateConfig, args, flip=not args.no_flip, views=args.views, holdout=args.holdout,
+                          imitation_epochs=args.imitation_epochs, imitation_target=args.imitation_target)
     cfg.validate()  # bad options and an unwritable --out fail before the model is loaded
     check_output_file(args.out)
     model = learning_setup(args)
     method_plan(model, args.method)  # fail fast on a bad spec or model
-    data = training_images(args, model, training=False, labels=False)
+    data, skipped = training_images(args, model, training=False, labels=False)
     start = time.perf_counter()
     calibrate_dynamicvit(model, data, args.method, cfg, out=args.out, device=args.device)
     d = describe(model)
-    Console().print(f"calibrated {len(data)} images in {time.perf_counter() - start:.1f} s; locations "
-                    f"{d['locations']}, tokens kept {d['tokens']}; wrote {args.out}")
+    Console().print(f"calibrated {len(data)} images{skipped_note(skipped)} in {time.perf_counter() - start:.1f} s; "
+                    f"locations {d['locations']}, tokens kept {d['tokens']}; wrote {args.out}", markup=False)
     return 0
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "data_config",
     "dataset_classes",
     "dataset_files",
+    "drop_unreadable",
     "image_dataset",
     "image_directory",
     "is_image_file",
@@ -122,6 +123,25 @@ def scan_images(paths: Sequence[str | os.PathLike[str]], progress: Callable[[], 
     if bad:
         more = f" ({len(bad) - 1} more unreadable images)" if len(bad) > 1 else ""
         raise TokenSparseError(bad[0] + more)
+
+
+def drop_unreadable(dataset: Dataset, progress: Callable[[], Any] | None = None) -> tuple[Dataset, list[Path]]:
+    """``(the items of dataset whose image decodes, the files that do not)``: every file is checked
+    once (:func:`check_image`); training and calibration skip unreadable images and report how
+    many. TokenSparseError when no image is readable. ``progress()`` is called after each file."""
+    files = dataset_files(dataset)
+    keep, bad = [], []
+    for i, path in enumerate(files):
+        try:
+            check_image(path)
+            keep.append(i)
+        except TokenSparseError:
+            bad.append(path)
+        if progress is not None:
+            progress()
+    if not keep:
+        raise TokenSparseError(f"none of the {len(files)} images could be read (e.g. {str(bad[0])!r})")
+    return (dataset if not bad else Subset(dataset, keep)), bad
 
 
 def worker_error_message(exc: BaseException) -> str:

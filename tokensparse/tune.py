@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
@@ -59,7 +58,7 @@ from .api import is_patched, patch, token_state, unpatch
 from .data import UNLABELLED, image_dataset, input_size
 from .errors import TokenSparseError
 from .families import TokenFamily, get_family
-from .measure import BASELINE, build_variants, gmacs, timed_runs
+from .measure import BASELINE, build_variants, fidelity, gmacs, timed_runs
 from .measure._common import measurement_device, resolve_dtype, synchronize
 from .measure.speed import num_threads
 from .methods import get_method
@@ -285,14 +284,6 @@ class TuneResult:
 
 
 # ----------------------------------------------------------------------------- fidelity
-
-def fidelity(logits: Tensor, reference: Tensor) -> tuple[float, float]:
-    """``(agreement %, mean KL(reference || logits))`` of class logits against reference logits."""
-    agreement = 100.0 * (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-    ref = F.log_softmax(reference.float(), dim=-1)
-    kl = F.kl_div(F.log_softmax(logits.float(), dim=-1), ref, log_target=True, reduction="batchmean").item()
-    return agreement, kl
-
 
 class Evaluator:
     """Logits of a model, as patched now, on fixed image batches.

@@ -103,15 +103,18 @@ class AttentionExtras:
 
     ``cls_attn``: ``(B, H, N)`` class-token attention row; ``mean_attn``: ``(B, H, N)`` the
     mean query's row (models without a class token); ``keys``: ``(B, N, D)`` keys averaged
-    over heads; ``value_norm``: ``(B, N)`` L2 norm of each token's value vector.
+    over heads; ``value_norm``: ``(B, N)`` L2 norm of each token's value vector;
+    ``attention``: ``(B, N, N)`` the whole attention matrix averaged over heads (O(N^2): for
+    analysis and calibration targets, never a method's eval path).
     """
     cls_attn: Tensor | None = None
     mean_attn: Tensor | None = None
     keys: Tensor | None = None
     value_norm: Tensor | None = None
+    attention: Tensor | None = None
 
 
-EXTRAS = frozenset({"cls_attn", "mean_attn", "keys", "value_norm"})
+EXTRAS = frozenset({"cls_attn", "mean_attn", "keys", "value_norm", "attention"})
 
 
 class BlockHook(nn.Module):

@@ -19,7 +19,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import TokenSparseError
-from ..ops import class_attention, gather_tokens, policy_softmax
+from ..ops import attention_matrix, class_attention, gather_tokens, policy_softmax
 from ..state import TokenState
 from .base import HOOK, AttentionExtras, BlockHook, TokenFamily, attach, block_hook, slot, swap_class
 
@@ -33,6 +33,7 @@ def attention_extras(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor
         mean_attn=class_attention(q, k, scale, bias, query="mean") if "mean_attn" in needs else None,
         keys=k.mean(dim=1) if "keys" in needs else None,
         value_norm=v.transpose(1, 2).reshape(B, N, -1).norm(dim=-1) if "value_norm" in needs else None,
+        attention=attention_matrix(q, k, scale, bias) if "attention" in needs else None,
     )
 
 

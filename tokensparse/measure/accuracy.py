@@ -109,6 +109,18 @@ def _metrics(topk: torch.Tensor, targets: torch.Tensor,
     return {"top1": top1, "top5": top5, "agreement": agreement, "n": n}
 
 
+def fidelity(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """``(agreement %, mean KL(reference || logits))`` of class logits ``(n, classes)`` against a
+    reference model's logits on the same images: the share with the same top-1, and the KL
+    divergence of the class distributions averaged over images (smooth where top-1 on a few
+    hundred images moves a whole image at a time)."""
+    agreement = 100.0 * (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), dim=-1),
+                                    torch.log_softmax(reference.float(), dim=-1), log_target=True,
+                                    reduction="batchmean").item()
+    return agreement, kl
+
+
 def evaluate_many(models: Mapping[str, nn.Module], images_dir: str | Path,
                   wnids_file: str | Path | None = None, reference_key: str | None = None,
                   batch_size: int = 32, num_workers: int = 0,

@@ -117,8 +117,10 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
     for name, seconds in setup.items():
         out[name]["compile_s"] = seconds
     eager = {} if runtime == "eager" else {eager_key(name): model for name, model in models.items()}
-    with progress_bar("throughput", (warmup + runs) * (len(timing) + len(eager)), progress) as advance:
-        times = timed_runs({**timing, **eager}, batch_size=batch_size, input_size=size, threads=threads,
+    timed = {key: model for name in models  # each runtime model next to its eager self: timed side by side
+             for key, model in ((name, timing[name]), (eager_key(name), eager.get(eager_key(name)))) if model is not None}
+    with progress_bar("throughput", (warmup + runs) * len(timed), progress) as advance:
+        times = timed_runs(timed, batch_size=batch_size, input_size=size, threads=threads,
                            device=device, dtype=dtype, warmup=warmup, runs=runs,
                            progress=lambda done, total: advance())
     speed = throughput(times, batch_size)

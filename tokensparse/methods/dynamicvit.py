@@ -3,7 +3,8 @@
 ViT (§5): a small prediction module before each location scores the patch tokens. In
 ``train()`` it samples hard keep masks (Gumbel-softmax, straight-through) and the blocks mask
 attention instead of removing tokens, so the whole thing is differentiable. In ``eval()`` the
-top ``int(N0 * ratio)`` tokens by keep score are gathered and the rest dropped (real savings).
+top ``int(N0 * ratio)`` tokens by keep score (the keep/drop logit margin, :func:`keep_margin`)
+are gathered and the rest dropped (real savings).
 
 ConvNeXt and Swin (§6, dynamic spatial sparsification): prediction modules inside the third
 stage pick, per image, the positions whose blocks take their full ("slow") path; the others
@@ -57,6 +58,14 @@ def keep_tokens(n0: int, ratio: float) -> int:
     """Patch tokens kept at ``ratio`` of the original ``n0``: ``int(n0 * ratio)`` (the authors'
     rounding, down), at least 1."""
     return keep_count(ratio, n0, "floor")
+
+
+def keep_margin(log_probs: Tensor) -> Tensor:
+    """The keep score tokens are ranked by: ``log p(keep) - log p(drop)`` (the logit margin) of
+    ``log_probs`` ``(B, n, 2)``. Unlike ``log p(keep)``, which rounds to exactly 0 for every
+    confident token in fp32 (their order then decided by ties), it does not saturate; it ranks
+    tokens the same way wherever ``log p(keep)`` has no ties (both increase with the margin)."""
+    return log_probs[..., 0] - log_probs[..., 1]
 
 
 def hard_keep_mask(log_probs: Tensor, prev: Tensor | None = None, gumbel: bool = True) -> Tensor:
@@ -138,7 +147,7 @@ class TokenPruner(PredictionModule, BlockHook):
         if k >= N - P:
             state.record(block, x)
             return x
-        score = self.predictor(x[:, P:])[..., 0]
+        score = keep_margin(self.predictor(x[:, P:]))
         keep = with_prefix(topk_indices(score, k), P)
         size = None if state.size is None else gather_tokens(state.size, keep)
         state.update(keep_assignment(keep, N, P), size)
@@ -152,7 +161,7 @@ class PositionRouter(PredictionModule):
 
     Ratios are per location (not cumulative); the global half of the predictor averages over
     every position. ``train()``: a hard Gumbel-softmax mask (straight-through); ``eval()``:
-    the top ``int(N * ratio)`` positions by keep score.
+    the top ``int(N * ratio)`` positions by keep score (:func:`keep_margin`).
     """
 
     def forward(self, tokens: Tensor, state: TokenState) -> Route:
@@ -161,7 +170,7 @@ class PositionRouter(PredictionModule):
             mask = hard_keep_mask(log_probs, None, self.gumbel)
             state.masks.append(mask.squeeze(-1))
             return Route(mask=mask)
-        slow, fast = split_topk(log_probs[..., 0], keep_tokens(tokens.shape[1], self.ratio))
+        slow, fast = split_topk(keep_margin(log_probs), keep_tokens(tokens.shape[1], self.ratio))
         return Route(slow_idx=slow, fast_idx=fast)
 
 
@@ -274,6 +283,14 @@ def learned_state(model: nn.Module) -> dict[str, Tensor]:
     """``{"blocks.<i>.predictor.<param>" / "blocks.<i>.fast.<param>": tensor}`` (as saved in files)."""
     return {f"{name}.{k}": v.detach().cpu().contiguous()
             for name, module in learned_modules(model).items() for k, v in module.state_dict().items()}
+
+
+def load_learned_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Put back what :func:`learned_state` returned (the same model's parts, e.g. an earlier epoch's)."""
+    parts = learned_modules(model)
+    for name, module in parts.items():
+        prefix = name + "."
+        module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
 
 def save_predictors(model: nn.Module, path: str | Path) -> Path:

@@ -1,5 +1,13 @@
 """Small pure tensor functions every method is built from: score, select, merge, gather."""
-from .attention import class_attention, gather_bias, pad_bias, policy_softmax, size_bias
+from .attention import (
+    attention_matrix,
+    attention_rollout,
+    class_attention,
+    gather_bias,
+    pad_bias,
+    policy_softmax,
+    size_bias,
+)
 from .merge import MergePlan, bipartite_soft_matching, merge_assignment, merge_tokens
 from .select import (
     add_tokens_,
@@ -16,6 +24,8 @@ from .select import (
 __all__ = [
                      "MergePlan",
                      "add_tokens_",
+                     "attention_matrix",
+                     "attention_rollout",
                      "bipartite_soft_matching",
                      "class_attention",
                      "fuse_tokens",

@@ -36,6 +36,28 @@ def class_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
     return logits.softmax(dim=-1).squeeze(2).to(q.dtype)
 
 
+def attention_matrix(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """The whole attention matrix ``(B, N, N)`` averaged over heads, in fp32, from ``q``, ``k``
+    ``(B, H, N, D)`` and an optional logit bias (O(N^2) memory: for analysis, not eval paths)."""
+    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1).mean(dim=1)
+
+
+def attention_rollout(matrices: list[Tensor], residual: float = 0.5) -> Tensor:
+    """Attention rollout (Abnar and Zuidema, 2020) through consecutive blocks: the product of
+    ``residual * I + (1 - residual) * A`` over the head-averaged attention matrices ``A`` ``(B, N, N)``,
+    last block first, so row ``i`` is how much each token entering the first block reaches token
+    ``i`` after the last one."""
+    eye = torch.eye(matrices[0].shape[-1], device=matrices[0].device, dtype=matrices[0].dtype)
+    out = None
+    for a in reversed(matrices):
+        step = residual * eye + (1 - residual) * a
+        out = step if out is None else out @ step
+    return out
+
+
 def size_bias(size: Tensor) -> Tensor:
     """Proportional-attention bias ``log(size)`` per key, shaped ``(B, 1, 1, N)``."""
     return size.log().reshape(size.shape[0], 1, 1, -1)
