@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every measurement quoted in the README, recorded under benchmarks/results/ (one file per
 # command, the command on its first line). Run from the repository root with the package
-# installed and ../shared beside it (or TOKENSPARSE_SHARED set); takes about 45 minutes on
+# installed and ../shared beside it (or TOKENSPARSE_SHARED set); takes about 2 hours on
 # the 2-core CPU machine. Timings are only comparable within one file: run nothing else meanwhile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +31,22 @@ done
 for run in 1 2 3; do  # transformers ViT-S: speed-ups against the same methods on timm, all in one process
   record "hf_speed_run$run" python benchmarks/hf_speed.py --method tome:r=13 --method evit:keep_rate=0.7 --runs 20
 done
-record deit_small_onnxruntime tokensparse bench --model deit_small_patch16_224 --batch-size 32 --threads 2 --runs 10 \
-  --runtime onnxruntime --method tome:r=13 --method evit:keep_rate=0.7 --method ppt --method evovit \
-  --method dynamicvit:rho=0.7 --json "$OUT/deit_small_onnxruntime.json"
+# Deploy: compiled (inductor) and exported (onnxruntime) models, each timed against the eager models in the same run
+export COLUMNS=140  # the wider tables (eager columns)
+FIVE=(--method tome:r=13 --method evit:keep_rate=0.7 --method ppt --method evovit --method dynamicvit:rho=0.7)
+for run in 1 2 3; do
+  record "deit_small_compile_run$run" tokensparse bench --model deit_small_patch16_224 --batch-size 32 --threads 2 \
+    --runs 10 --compile "${FIVE[@]}" --json "$OUT/deit_small_compile_run$run.json"
+done
+for run in 1 2; do
+  record "deit_small_onnxruntime_run$run" tokensparse bench --model deit_small_patch16_224 --batch-size 32 --threads 2 \
+    --runs 10 --runtime onnxruntime "${FIVE[@]}" --json "$OUT/deit_small_onnxruntime_run$run.json"
+done
+record deit_small_compile_b1 tokensparse bench --model deit_small_patch16_224 --batch-size 1 --threads 2 --runs 30 \
+  --compile "${FIVE[@]}" --json "$OUT/deit_small_compile_b1.json"
+record deit_small_onnxruntime_b1 tokensparse bench --model deit_small_patch16_224 --batch-size 1 --threads 2 --runs 30 \
+  --runtime onnxruntime "${FIVE[@]}" --json "$OUT/deit_small_onnxruntime_b1.json"
+export COLUMNS=110
 record deploy_matrix python benchmarks/deploy_matrix.py --no-inductor
 record overhead_limit python benchmarks/overhead_limit.py --method tome:r=13 --method evit:keep_rate=0.7 --method ppt
 
@@ -48,8 +61,10 @@ record hf_vit_tiny_bench tokensparse bench --model "hf:$OUT/.vit-tiny-hf" --imag
 rm -rf "$OUT/.vit-tiny-hf"
 record ppt_branches python benchmarks/ppt_branches.py
 record evovit_accuracy python benchmarks/evovit_accuracy.py
-record dynamicvit_calibrate python benchmarks/dynamicvit_calibrate.py --threads 2 --out "$OUT/.dvit.safetensors"
-rm -f "$OUT/.dvit.safetensors"
+record dynamicvit_calibrate python benchmarks/dynamicvit_calibrate.py --threads 2
+# tokensparse tune: searched on the even positions, every reported number on the odd ones (OUT/tune_vit_tiny/tune.{csv,png})
+record tune_vit_tiny tokensparse tune --model vit_tiny_patch16_224.augreg_in21k_ft_in1k --weights "$W" \
+  --images "$I/images" --wnids "$I/wnids.txt" --speedup tome:r=13 --threads 2 --batch-size 64 --out "$OUT/tune_vit_tiny"
 
 # Evo-ViT on LeViT
 record levit_speed tokensparse bench --model levit_256 --batch-size 32 --threads 2 --method evovit \

@@ -286,9 +286,9 @@ def test_config_defaults_and_shared_validation():
         "ce_weight": 1.0, "clip_grad": None, "bf16": False, "seed": 0, "num_workers": 2, "checkpoint_every": None,
         "max_steps": None}
     assert asdict(CalibrateConfig()) == {
-        "epochs": 3, "batch_size": 32, "lr": 5e-4, "weight_decay": 0.05, "warmup_epochs": 1.0, "min_lr": 1e-5,
+        "epochs": 6, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 1.0, "min_lr": 1e-5,
         "ratio_weight": None, "distill_weight": 0.5, "token_weight": 0.5, "flip": True, "views": 4, "holdout": 0.1,
-        "imitation_epochs": 30, "imitation_lr": 1e-3, "imitation_target": "rollout", "seed": 0, "num_workers": 0}
+        "imitation_epochs": 15, "imitation_lr": 1e-3, "imitation_target": "rollout", "seed": 0, "num_workers": 0}
     assert issubclass(TrainConfig, LearningConfig) and issubclass(CalibrateConfig, LearningConfig)
     CalibrateConfig(epochs=0).validate()  # calibration may skip the end-to-end epochs
     for config, kw, match in [

@@ -69,16 +69,16 @@ class CalibrateConfig(LearningConfig):
     docstring) at ``imitation_lr``; 0 turns this off (it is skipped for models without a
     class token, ConvNeXt and Swin).
     """
-    epochs: int = 3
+    epochs: int = 6
     batch_size: int = 32
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup_epochs: float = 1.0
     min_lr: float = 1e-5
     num_workers: int = 0
     flip: bool = True
     views: int = 4
     holdout: float = 0.1
-    imitation_epochs: int = 30
+    imitation_epochs: int = 15
     imitation_lr: float = 1e-3
     imitation_target: str = "rollout"
 
@@ -144,14 +144,16 @@ class TeacherRecorder(BlockHook):
         return x
 
 
-def random_views(images: Tensor, count: int, mean: Sequence[float], std: Sequence[float],
+def random_views(images: Tensor, count: int, mean: Sequence[float] | None, std: Sequence[float] | None,
                  generator: torch.Generator) -> list[Tensor]:
     """``count`` random views of preprocessed ``images`` ``(B, C, H, W)``: per image a random resized crop
     (35-100% of the area, aspect 3/4-4/3) back to ``(H, W)``, a flip with probability 1/2 and brightness /
-    contrast jitter of up to 30% (in pixel space: ``mean`` / ``std`` undo the normalisation)."""
+    contrast jitter of up to 30% (in pixel space: ``mean`` / ``std`` undo the normalisation; None where the
+    model's preprocessing is unknown: the jitter then works on the tensors as they are, unclipped)."""
     B, C, H, W = images.shape
-    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, C, 1, 1)
-    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, C, 1, 1)
+    known = mean is not None and std is not None
+    m = torch.tensor(mean if known else [0.0] * C, dtype=images.dtype, device=images.device).view(1, C, 1, 1)
+    s = torch.tensor(std if known else [1.0] * C, dtype=images.dtype, device=images.device).view(1, C, 1, 1)
     views = []
     for _ in range(count):
         out = []
@@ -168,9 +170,20 @@ def random_views(images: Tensor, count: int, mean: Sequence[float], std: Sequenc
         batch = torch.stack(out) * s + m
         jitter = torch.rand(2, B, 1, 1, 1, generator=generator).to(images.device) * 0.6 + 0.7
         gray = batch.mean(dim=(1, 2, 3), keepdim=True)
-        batch = ((batch * jitter[0] - gray) * jitter[1] + gray).clamp(0, 1)
+        batch = (batch * jitter[0] - gray) * jitter[1] + gray
+        batch = batch.clamp(0, 1) if known else batch
         views.append((batch - m) / s)
     return views
+
+
+def _normalisation(model: nn.Module) -> tuple[Sequence[float] | None, Sequence[float] | None]:
+    """``model``'s input mean and std, or ``(None, None)`` where its preprocessing is unknown (a
+    transformers model built from a config, not loaded with ``from_pretrained``)."""
+    try:
+        cfg = data_config(model)
+    except TokenSparseError:
+        return None, None
+    return cfg["mean"], cfg["std"]
 
 
 @torch.no_grad()
@@ -195,7 +208,7 @@ def cache_teacher(model: nn.Module, dataset: Dataset, locations: list[int], batc
                  for b in sorted({*locations, *recorded})}
     inputs, logits, tokens = [], [], []
     scores: dict[int, list[Tensor]] = {b: [] for b in locations}
-    cfg = data_config(model)
+    mean, std = _normalisation(model) if views else (None, None)
     generator = torch.Generator().manual_seed(mix_seed(seed, 17))
     if imitation:
         family.install(TokenState(num_prefix=P), recorders)
@@ -203,7 +216,7 @@ def cache_teacher(model: nn.Module, dataset: Dataset, locations: list[int], batc
         for images, *_ in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
             images = images.to(device)
             batch = [images, *([images.flip(-1)] if flip else [])]
-            batch += random_views(images, views, cfg["mean"], cfg["std"], generator)
+            batch += random_views(images, views, mean, std, generator)
             for view in batch:
                 if imitation:  # one full pass; the hooks keep what the warm start needs
                     feats = family.forward_features(view)
