@@ -152,7 +152,8 @@ def test_models_tune_cannot_take_are_refused(photos):
 
 def test_tune_command_writes_csv_png_and_the_spec_last(photos, tmp_path, capsys):
     out = tmp_path / "tuned"
-    code = main(["tune", "--model", "vit_tiny_patch16_224", "--images", str(photos), "--gmacs", "0.7",
+    target = f"{0.7 * gmacs(timm.create_model('test_vit')):.6f}"  # timm's tiny test ViT: 160 px, 6 blocks
+    code = main(["tune", "--model", "test_vit", "--images", str(photos), "--gmacs", target,
                  "--methods", "tome", "topk", "--batch-size", "4", "--budget", "0.1", "--runs", "1",
                  "--search-images", "8", "--out", str(out)])
     stdout, err = capsys.readouterr()
