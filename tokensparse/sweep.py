@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from .errors import TokenSparseError
 from .measure import BASELINE, build_variants, measure_variants, random_predictors
 from .methods import REGISTRY, get_method
 from .spec import format_spec, parse_spec
-from .utils import atomic_write
+from .utils import write_rows_csv
 from .viz import save_figure
 
 #: method name -> (option swept, values); one table for every method.
@@ -121,13 +121,7 @@ def measure(rows: Sequence[SweepRow], models: dict[str, nn.Module],
 def write_csv(rows: Sequence[SweepRow], path: str | Path) -> Path:
     """Write rows (atomically) with columns method, spec, knob, value, gmacs, img_per_s, speedup,
     top1, top5, agreement."""
-    def write(f: Any) -> None:
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(SweepRow)])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
-
-    return atomic_write(path, write, text=True)
+    return write_rows_csv(rows, SweepRow, path)
 
 
 #: x axes of :func:`plot_sweep`: row -> x value, and the axis label.

@@ -40,15 +40,13 @@ measured (flagged ``met_target=False``).
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from matplotlib.figure import Figure
@@ -64,7 +62,7 @@ from .measure.speed import num_threads
 from .methods import get_method
 from .methods.evovit import default_stages
 from .spec import format_spec, parse_spec
-from .utils import atomic_write, eval_mode, output_logits, positive_int, progress_bar
+from .utils import eval_mode, output_logits, positive_int, progress_bar, write_rows_csv
 from .viz import save_figure
 
 __all__ = ["TUNABLE", "Candidate", "TuneResult", "check_target", "plot_tune", "tune", "write_tune_csv"]
@@ -903,12 +901,7 @@ def _pareto(rows: list[Candidate], kind: str) -> list[Candidate]:
 
 def write_tune_csv(rows: Sequence[Candidate], path: str | Path) -> Path:
     """Every measured row (atomically), with the columns of :class:`Candidate`."""
-    def write(f: Any) -> None:
-        writer = csv.DictWriter(f, fieldnames=[fl.name for fl in fields(Candidate)])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if v is None else v for k, v in asdict(row).items()})
-    return atomic_write(path, write, text=True)
+    return write_rows_csv(rows, Candidate, path)
 
 
 def plot_tune(result: TuneResult, out: str | Path | None = None, title: str = "") -> Figure:

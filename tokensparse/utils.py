@@ -5,10 +5,12 @@ A leaf module: it imports nothing from ``tokensparse`` but :mod:`tokensparse.err
 from __future__ import annotations
 
 import contextlib
+import csv
+import dataclasses
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -84,6 +86,19 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], 
                 tmp.unlink()
     return target
 
+
+def write_rows_csv(rows: Sequence[Any], row_type: type, path: str | os.PathLike[str]) -> Path:
+    """Write dataclass ``rows`` (atomically, :func:`atomic_write`) as CSV: one column per field of
+    ``row_type``, in its order; None as an empty cell."""
+    names = [f.name for f in dataclasses.fields(row_type)]
+
+    def write(f: IO[Any]) -> None:
+        writer = csv.DictWriter(f, fieldnames=names)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else v for k, v in dataclasses.asdict(row).items()})
+
+    return atomic_write(path, write, text=True)
 
 def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
     """Delete the temporary files :func:`atomic_write` left in ``folder`` for targets named ``names``.
