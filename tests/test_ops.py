@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 from tokensparse.families import AttentionExtras
 from tokensparse.methods.topk import TopKReducer
 from tokensparse.ops import (
+    attention_matrix,
+    attention_rollout,
     bipartite_soft_matching,
     class_attention,
     fuse_tokens,
@@ -118,3 +120,22 @@ def test_merge_odd_start_matches_even_start_on_shifted_sequence(n, data):
     assert torch.allclose(rebuilt, msize.squeeze(-1))
     # B tokens (even positions) are never merged away: each keeps its own slot
     assert len(set(assign[0, 0::2].tolist())) == len(range(0, n, 2))
+
+
+def test_attention_rollout_by_hand():
+    """Two blocks over two tokens: (I + A2) / 2 @ (I + A1) / 2; rows stay distributions."""
+    a1 = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+    a2 = torch.tensor([[[1.0, 0.0], [0.5, 0.5]]])
+    step1 = torch.tensor([[[0.5, 0.5], [0.5, 0.5]]])
+    step2 = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])
+    torch.testing.assert_close(attention_rollout([a1, a2]), step2 @ step1)
+    torch.testing.assert_close(attention_rollout([a2]), step2)
+    torch.testing.assert_close(attention_rollout([a1, a2]).sum(-1), torch.ones(1, 2))
+
+
+def test_attention_matrix_matches_softmax_of_scaled_logits():
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    expected = ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1).mean(1)
+    torch.testing.assert_close(attention_matrix(q, k, 0.5), expected)
+    cls = class_attention(q, k, 0.5).mean(1)  # its class-token row is what class_attention gives
+    torch.testing.assert_close(attention_matrix(q, k, 0.5)[:, 0], cls)

@@ -306,3 +306,39 @@ def test_config_defaults_and_shared_validation():
             (CalibrateConfig, {"imitation_target": "gradient"}, "imitation_target must be one of")]:
         with pytest.raises(TokenSparseError, match=match):
             config(**kw).validate()
+
+
+def test_holdout_split_is_disjoint_covers_every_image_and_is_seeded():
+    from tokensparse.train.calibrate import holdout_split
+    train, held = holdout_split(25, 0.1, seed=3)
+    assert len(held) == 3 and sorted(train + held) == list(range(25))
+    assert holdout_split(25, 0.1, seed=3) == (train, held) and holdout_split(25, 0.1, seed=4) != (train, held)
+    assert holdout_split(9, 0.5, seed=0) == (list(range(9)), [])  # too few images: none held out
+    assert holdout_split(25, 0.0, seed=0)[1] == []
+
+
+def test_random_views_are_seeded_in_range_and_differ_from_the_image():
+    from tokensparse.train.calibrate import random_views
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    pixels = torch.rand(2, 3, 16, 16)
+    images = (pixels - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    views = random_views(images, 3, mean, std, torch.Generator().manual_seed(0))
+    again = random_views(images, 3, mean, std, torch.Generator().manual_seed(0))
+    assert len(views) == 3 and all(v.shape == images.shape for v in views)
+    assert all(torch.equal(v, w) for v, w in zip(views, again))
+    assert all(not torch.allclose(v, images) for v in views)
+    for v in views:  # back in pixel space every value is a valid pixel
+        back = v * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
+        assert back.min() >= -1e-5 and back.max() <= 1 + 1e-5
+
+
+def test_learned_state_round_trips():
+    from tokensparse.methods import dynamicvit as dv
+    model = tokensparse.patch(tiny(), "dynamicvit:rho=0.7")
+    saved = {k: v.clone() for k, v in dv.learned_state(model).items()}
+    with torch.no_grad():
+        for p in dv.learned_parameters(model):
+            p.add_(1.0)
+    assert not all(torch.equal(saved[k], v) for k, v in dv.learned_state(model).items())
+    dv.load_learned_state(model, saved)
+    assert all(torch.equal(saved[k], v) for k, v in dv.learned_state(model).items())
