@@ -42,6 +42,9 @@ for run in 1 2; do
   record "deit_small_onnxruntime_run$run" tokensparse bench --model deit_small_patch16_224 --batch-size 32 --threads 2 \
     --runs 10 --runtime onnxruntime "${FIVE[@]}" --json "$OUT/deit_small_onnxruntime_run$run.json"
 done
+# inductor settings (freezing with / without weight pre-packing, none): compiled vs eager speed-ups in one run
+record compile_settings python benchmarks/compile_settings.py --method tome:r=13 --method evit:keep_rate=0.7 --runs 12 \
+  --threads 2
 record deit_small_compile_b1 tokensparse bench --model deit_small_patch16_224 --batch-size 1 --threads 2 --runs 30 \
   --compile "${FIVE[@]}" --json "$OUT/deit_small_compile_b1.json"
 record deit_small_onnxruntime_b1 tokensparse bench --model deit_small_patch16_224 --batch-size 1 --threads 2 --runs 30 \
@@ -65,6 +68,12 @@ record dynamicvit_calibrate python benchmarks/dynamicvit_calibrate.py --threads 
 # tokensparse tune: searched on the even positions, every reported number on the odd ones (OUT/tune_vit_tiny/tune.{csv,png})
 record tune_vit_tiny tokensparse tune --model vit_tiny_patch16_224.augreg_in21k_ft_in1k --weights "$W" \
   --images "$I/images" --wnids "$I/wnids.txt" --speedup tome:r=13 --threads 2 --batch-size 64 --out "$OUT/tune_vit_tiny"
+# ppt schedules around its default (and the tune choice), both halves of the shared images
+record schedule_fidelity python benchmarks/schedule_fidelity.py ppt tome:r=13 "tome:r=[0,0,0,30,28,25,22,19,16,13,10]" \
+  ppt:r=53 "ppt:locations=[3,6,9],r=[62,52,40]" "ppt:locations=[3,5,7,9],r=[42,40,38,36]" \
+  "ppt:locations=[2,4,6,8,10],r=30" "ppt:locations=[2,4,6,8,10],r=34" "ppt:locations=[3,4,5,6,7,8,9,10],r=23" \
+  "ppt:locations=[2,5,8],r=[50,45,40]" "ppt:locations=[3,6,9,11],r=[50,50,50,23]" ppt:threshold=3e-5 \
+  ppt:threshold=3e-4 ppt:threshold=1 ppt:r=53,threshold=3e-4 --threads 2
 
 # Evo-ViT on LeViT
 record levit_speed tokensparse bench --model levit_256 --batch-size 32 --threads 2 --method evovit \

@@ -217,3 +217,20 @@ def test_bench_times_compiled_and_exported_models(hf_folder, tmp_path, capsys, r
         assert row["eager_latency_ms"] > 0  # the eager models were timed in the same run
     assert rows["none"]["eager_speedup"] == 1.0 and rows["tome:r=2"]["eager_speedup"] > 0
     assert "seconds (not timed)" in out and "eager" in out
+
+
+def test_compile_runtime_takes_more_models_than_dynamos_recompile_limit():
+    """Models sharing one forward each add a compiled entry; more than dynamo's default limit of 8 still compile."""
+    from tokensparse.measure.runtimes import prepare_runtime
+
+    base = timm.create_model("vit_tiny_patch16_224", pretrained=False, **VIT).eval()
+    models = {"none": base, **{f"tome:r={r}": tokensparse.patch(copy.deepcopy(base), f"tome:r={r}")
+                               for r in range(1, 10)}}
+    # dynamo's default (timm.optim, imported by the training code, raises it for the whole process)
+    with torch._dynamo.config.patch(recompile_limit=8):
+        compiled, seconds = prepare_runtime(models, "compile", batch_size=2, input_size=(3, 32, 32), backend="eager")
+    assert set(compiled) == set(seconds) == set(models)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        for name, model in models.items():
+            assert torch.allclose(compiled[name](x), model(x), atol=1e-5), name

@@ -81,13 +81,17 @@ def prepare_runtime(models: Mapping[str, nn.Module], runtime: str, batch_size: i
     out: dict[str, nn.Module] = {}
     if runtime == "compile":
         x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(0))
+        # the models share their forward's code: each compile adds one entry to its cache, and
+        # dynamo's default limit (8) would stop a 9th model under fullgraph=True
+        limit = max(torch._dynamo.config.recompile_limit, len(models) + 8)
         for name, model in models.items():
             if device is not None:
                 model.to(device)
             compiled = torch.compile(model, fullgraph=True, dynamic=False, backend=backend)
             freeze = backend == "inductor" and (device is None or device.type == "cpu")
             start = time.perf_counter()
-            with eval_mode(model), torch.inference_mode(), compile_options(freeze):
+            with eval_mode(model), torch.inference_mode(), compile_options(freeze), \
+                    torch._dynamo.config.patch(recompile_limit=limit):
                 compiled(x.to(device) if device is not None else x)
             seconds[name] = time.perf_counter() - start
             out[name] = compiled
