@@ -17,10 +17,10 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from tokensparse.api import patch, unpatch
 from tokensparse.families import get_family
+from tokensparse.measure import fidelity
 from tokensparse.models import create_model
 from tokensparse.spec import parse_spec
 from tokensparse.tune import Evaluator, _batches, _load_images, _setup, probe
@@ -45,10 +45,8 @@ def main() -> None:
     setup = _setup(model, family, args.images, None, None, 10 ** 6, methods, "speedup", 1.5, args.batch_size,
                    args.threads, cpu, "fp32", 6, False)
     images, _ = _load_images(args.images, model, None, None)
-    evaluator = Evaluator(model, family, _batches(images, 100), cpu, torch.float32, resume=True)
+    evaluator = Evaluator(model, family, _batches(images, 100), cpu, torch.float32)
     reference = evaluator.logits()
-    log_ref = F.log_softmax(reference, -1)
-    top1 = reference.argmax(-1)
     print(f"{'spec':58s} {'pred.':>6s} {'GMACs':>6s} | {'even KL':>7s} {'agree':>5s} | {'odd KL':>7s} {'agree':>5s}")
     for spec in args.specs:
         patch(model, spec)
@@ -56,10 +54,9 @@ def main() -> None:
         speedup = setup.cost.speedup(schedule, parse_spec(spec)[0])
         logits = evaluator.logits()
         unpatch(model)
-        kl = (log_ref.exp() * (log_ref - F.log_softmax(logits, -1))).sum(-1)
-        agree = 100.0 * (logits.argmax(-1) == top1).float()
-        print(f"{spec:58s} {speedup:5.3f}x {schedule.gmacs:6.3f} | {kl[0::2].mean():7.4f} {agree[0::2].mean():5.1f} "
-              f"| {kl[1::2].mean():7.4f} {agree[1::2].mean():5.1f}", flush=True)
+        (even_agree, even_kl), (odd_agree, odd_kl) = (fidelity(logits[h::2], reference[h::2]) for h in (0, 1))
+        print(f"{spec:58s} {speedup:5.3f}x {schedule.gmacs:6.3f} | {even_kl:7.4f} {even_agree:5.1f} "
+              f"| {odd_kl:7.4f} {odd_agree:5.1f}", flush=True)
 
 
 if __name__ == "__main__":

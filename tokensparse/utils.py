@@ -100,6 +100,7 @@ def write_rows_csv(rows: Sequence[Any], row_type: type, path: str | os.PathLike[
 
     return atomic_write(path, write, text=True)
 
+
 def remove_stale_temp_files(folder: str | os.PathLike[str], names: Iterable[str]) -> list[Path]:
     """Delete the temporary files :func:`atomic_write` left in ``folder`` for targets named ``names``.
 

@@ -221,11 +221,15 @@ def cache_teacher(model: nn.Module, dataset: Dataset, locations: list[int], batc
                 if imitation:  # one full pass; the hooks keep what the warm start needs
                     feats = family.forward_features(view)
                     inputs.append(recorders[start].tokens[-1])
-                    for b in locations:
-                        if target == "rollout":
-                            flow = attention_rollout([recorders[i].last for i in recorded if i >= b])
+                    if target == "rollout":  # from the last location back: each rollout extends the next one's
+                        flow = None
+                        backwards = sorted(locations, reverse=True)
+                        for b, end in zip(backwards, [len(family.blocks), *backwards]):
+                            part = attention_rollout([recorders[i].last for i in range(b, end)])
+                            flow = part if flow is None else flow @ part
                             scores[b].append(flow[:, 0, P:].cpu())
-                        else:
+                    else:
+                        for b in locations:
                             scores[b].append(recorders[b].last[:, P:].cpu())
                 else:
                     h = family.run_to(view, start)
