@@ -11,11 +11,14 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 import tokensparse
+import tokensparse.tune as tune_module
 from tokensparse import TokenSparseError
 from tokensparse.cli import main
 from tokensparse.measure import gmacs
+from tokensparse.measure.flops import attention_flop_mapping
 from tokensparse.spec import parse_spec
 from tokensparse.tune import TUNABLE, CostModel, EvoViTKnob, PPTKnob, ToMeKnob, TopKKnob, probe, tune
 
@@ -94,15 +97,65 @@ def test_gmacs_target_is_met_and_the_choice_reproduces_its_gmacs(photos):
     assert unreduced.agreement == 100.0 and unreduced.kl == pytest.approx(0.0, abs=1e-6)
 
 
-def test_speedup_target_is_met_on_a_small_model(photos):
-    model = small_vit(img_size=128, embed_dim=192)  # 256 patches, ViT-Tiny's width: reductions pay off
-    result = tune(model, photos, speedup=1.2, methods=["tome", "ppt"], batch_size=8, budget=0.15, runs=4,
+def _gmacs_of(fn, *args) -> float:
+    counter = FlopCounterMode(display=False, custom_mapping=attention_flop_mapping())
+    with torch.inference_mode(), counter:
+        fn(*args)
+    return counter.get_total_flops() / 2e9
+
+
+@pytest.fixture
+def macs_clock(monkeypatch):
+    """A noise-free clock for tune's timings: a forward pass takes its multiply-adds (from a real
+    pass, like ``gmacs``). The search's logic is tested without this machine's timing noise; how
+    well the cost model predicts real timings is what benchmarks/results/tune_vit_tiny.txt shows."""
+    def timed_runs(models, batch_size, input_size, runs, **_):
+        return {name: [gmacs(m, input_size) * batch_size] * runs for name, m in models.items()}
+
+    def time_blocks(family, batch, grid, device, dtype):
+        return [_gmacs_of(family.run_blocks, torch.randn(batch, n, family.width()), 0, 1) for n in grid]
+
+    def time_embedding(family, images, device, dtype):
+        return _gmacs_of(family.run_to, images, 0)
+
+    monkeypatch.setattr(tune_module, "timed_runs", timed_runs)
+    monkeypatch.setattr(tune_module, "time_blocks", time_blocks)
+    monkeypatch.setattr(tune_module, "_time_embedding", time_embedding)
+
+
+@pytest.mark.parametrize("target", [1.6, "tome:r=8"])
+def test_speedup_target_is_met_under_a_noise_free_clock(photos, macs_clock, target):
+    """With timings that are exactly the multiply-adds, the cost model predicts every searched
+    schedule, so the search lands on the target and the choice meets it."""
+    model = small_vit(img_size=128, embed_dim=192)  # 256 patches, ViT-Tiny's width
+    result = tune(model, photos, speedup=target, methods=["tome", "ppt"], batch_size=8, budget=0.15, runs=2,
                   progress=False)
     measured = [(r.spec, r.role, r.speedup, r.predicted_speedup) for r in result.rows]
-    assert result.met_target, measured
-    assert result.choice.speedup >= 1.2 and result.choice.role == "chosen"
-    searched = [r for r in result.rows if r.predicted_speedup is not None]
-    assert searched and max(r.speedup for r in searched) >= 0.9 * 1.2, measured  # the cost model holds here
+    if isinstance(target, str):  # the target is the spec's speed-up on the same clock
+        assert result.target == pytest.approx(next(r.speedup for r in result.rows if r.spec == target))
+    assert result.target > 1.1 and result.met_target, measured
+    assert result.choice.speedup >= result.target and result.choice.role == "chosen"
+    assert result.choice.select_kl == min(r.select_kl for r in result.rows
+                                          if r.role != "unreduced" and r.speedup >= result.target)
+    for r in result.rows:
+        if r.predicted_speedup is not None:  # the cost model is exact up to the methods' own overheads
+            assert r.speedup == pytest.approx(r.predicted_speedup, rel=0.03), measured
+            if r.role == "finalist":
+                assert r.speedup >= result.target, measured
+
+
+def test_speedup_timed_for_real_reports_what_it_measured(photos):
+    """Real timing (noisy here): whatever was measured, the verdict and the choice follow from it."""
+    model = small_vit(img_size=128, embed_dim=192)
+    result = tune(model, photos, speedup=1.2, methods=["tome"], batch_size=8, budget=0.1, runs=2, progress=False)
+    reduced = [r for r in result.rows if r.role != "unreduced"]
+    assert all(r.speedup > 0 for r in result.rows)
+    assert result.met_target == any(r.speedup >= 1.2 for r in reduced)
+    if result.met_target:
+        assert result.choice.speedup >= 1.2
+    else:
+        assert result.choice.speedup == max(r.speedup for r in reduced)
+        assert any("no schedule met the target" in n for n in result.notes)
 
 
 def test_a_tiny_budget_still_returns_the_best_schedule_found(photos):
