@@ -29,6 +29,7 @@ import tokensparse
 from tokensparse import TokenSparseError
 from tokensparse.cli import main
 from tokensparse.export import TensorOutputs, export_onnx
+from tokensparse.spec import parse_spec
 
 VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 10}
 HF = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8,
@@ -68,15 +69,16 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
 }
 SIZE = {"levit": 64, "convnext": 128, "swin": 128}
 VIT_METHODS = ["topk", "evit", "tome:r=2", "ppt:r=3", "evovit", "dynamicvit"]
+MIX = "ppt:locations=[0],r=3+tome:r=[0,2]"
 CASES = [
-    *[("vit", m) for m in VIT_METHODS],
+    *[("vit", m) for m in VIT_METHODS], ("vit", MIX),
     ("levit", "evovit"), ("levit", "evovit:class_token=mean"),
     ("convnext", "dynamicvit"), ("swin", "dynamicvit"),
     *[(f, m) for f in ("hf-vit", "hf-dinov2", "hf-clip") for m in VIT_METHODS],
     ("hf-siglip", "tome:r=2"), ("hf-siglip", "dynamicvit"),
 ]
 ONNX_CASES = [
-    *[("vit", m) for m in VIT_METHODS],
+    *[("vit", m) for m in VIT_METHODS], ("vit", MIX),
     ("levit", "evovit"), ("convnext", "dynamicvit"), ("swin", "dynamicvit"),
     ("hf-vit", "tome:r=2"), ("hf-dinov2", "ppt:r=3"), ("hf-clip", "evovit"), ("hf-siglip", "dynamicvit"),
 ]
@@ -87,7 +89,7 @@ by-products its attention must provide: ToMe's keys, PPT's value norms, Evo-ViT'
 def test_cases_cover_every_supported_method_and_family():
     """The compile matrix is every (family, method) pair the library supports; the ONNX set
     covers every method and every family."""
-    covered = {(f, m.split(":")[0]) for f, m in CASES}
+    covered = {(f, parse_spec(m)[0]) for f, m in CASES}
     built = {family: build() for family, build in BUILDERS.items()}
     for info in tokensparse.list_methods():
         for family, model in built.items():
@@ -95,7 +97,7 @@ def test_cases_cover_every_supported_method_and_family():
                 assert (family, info.name) in covered, (family, info.name)
     assert set(ONNX_CASES) <= set(CASES)
     assert {f for f, _ in ONNX_CASES} == set(BUILDERS)
-    assert {m.split(":")[0] for _, m in ONNX_CASES} == {info.name for info in tokensparse.list_methods()}
+    assert {parse_spec(m)[0] for _, m in ONNX_CASES} == {info.name for info in tokensparse.list_methods()}
 
 
 @pytest.fixture(scope="module")

@@ -662,7 +662,8 @@ def add_tune_parser(subparsers: Any) -> None:
                              "measured in this run, is the target (e.g. tome:r=13)")
     target.add_argument("--gmacs", type=float, metavar="G", help="target GMACs per image (at most)")
     p.add_argument("--methods", nargs="+", metavar="NAME",
-                   help=f"methods to search (default: every one of {', '.join(TUNABLE)} that supports the model)")
+                   help=f"methods to search, of {', '.join(TUNABLE)} (default: every one that supports the model "
+                        f"but mix: ppt, tome and a cut in one schedule, searched when named)")
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="(default: %(default)s)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")

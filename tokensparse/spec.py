@@ -4,14 +4,22 @@ Values may be numbers, ``true``/``false``, ``none``, bracketed lists (``[3,6,9]`
 strings. A value in double or single quotes is a string taken as written, commas and
 brackets included (``dynamicvit:predictors="runs/a,b.safetensors"``). Each key may be given
 once. The same strings are accepted by :func:`tokensparse.patch` and by the CLI.
+
+Block-reducing methods combine with ``+``, each at its own blocks
+(``ppt:locations=[3,6],r=50+tome:r=[0,0,0,0,0,0,0,12,12,12]``): such a spec parses as the
+``mix`` method with the parts as its ``parts`` option.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .errors import TokenSparseError
 
 QUOTES = "\"'"
+MIX = "mix"
+"""The method name of a spec whose parts are joined by ``+``."""
+_PART_START = re.compile(r"\s*[A-Za-z_][\w-]*\s*(:|$)")
 
 
 def _split_top_level(text: str, sep: str = ",") -> list[str]:
@@ -71,13 +79,34 @@ def parse_value(text: str) -> Any:
     return t
 
 
+def split_parts(spec: str) -> list[str]:
+    """The parts of a spec joined by ``+`` (outside brackets and quotes, and only where a method
+    name follows, so ``threshold=1e+5`` stays whole); one part for a plain spec."""
+    parts: list[str] = []
+    for piece in _split_top_level(spec, "+"):
+        if parts and piece.strip() and not _PART_START.match(piece):
+            parts[-1] += "+" + piece
+        else:
+            parts.append(piece)
+    return [p.strip() for p in parts]
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     """Split ``"NAME:key=value,..."`` into the method name and its options.
 
-    A key given twice is an error (``tome:r=4,r=8``).
+    A key given twice is an error (``tome:r=4,r=8``). Parts joined by ``+`` give
+    ``("mix", {"parts": [part, ...]})``, each part a spec written as :func:`format_spec` does.
     """
     if not isinstance(spec, str) or not spec.strip():
         raise TokenSparseError(f"method spec must be a non-empty string, got {spec!r}")
+    parts = split_parts(spec)
+    if len(parts) > 1:
+        if any(not p for p in parts):
+            raise TokenSparseError(f"empty part in method spec {spec!r}: join method specs with '+'")
+        parsed = [parse_spec(p) for p in parts]
+        if any(name == MIX for name, _ in parsed):
+            raise TokenSparseError(f"a part of {spec!r} is itself a mix: list every part once, joined by '+'")
+        return MIX, {"parts": [format_spec(name, options) for name, options in parsed]}
     name, _, rest = spec.strip().partition(":")
     options: dict[str, Any] = {}
     if rest.strip():
@@ -119,4 +148,7 @@ def format_spec(name: str, options: dict[str, Any]) -> str:
         return str(v)
     if not options:
         return name
+    if name == MIX and set(options) == {"parts"} and isinstance(options["parts"], (list, tuple)) \
+            and len(options["parts"]) > 1 and all(isinstance(p, str) for p in options["parts"]):
+        return "+".join(options["parts"])
     return name + ":" + ",".join(f"{k}={fmt(v)}" for k, v in options.items())

@@ -3,8 +3,10 @@
 Every method here reduces a fixed number of tokens at each location, so a *schedule* (how
 many tokens each location removes) is a spec string (``tome:r=[...]``,
 ``topk:locations=[...],tokens=[...]``, ``evit:...``, ``ppt:locations=[...],r=[...]``,
-``evovit:keep_rate=[...]``). :func:`tune` searches per-location schedules of every
-training-free method for the one closest to the unreduced model at a given speed-up:
+``evovit:keep_rate=[...]``), and so is a schedule of several methods (``mix``:
+``ppt:...+tome:r=[...]+topk:...``, searched when named). :func:`tune` searches per-location
+schedules of every training-free method for the one closest to the unreduced model at a given
+speed-up:
 
 1. *Images*: any folder (labels are not needed). The even positions are searched on (their
    first half *screens* schedules, their second half *selects* among the finalists, so the
@@ -30,8 +32,9 @@ training-free method for the one closest to the unreduced model at a given speed
    tokens kept there (Evo-ViT, whose global attention starts at block 0, runs whole).
 5. *Finalists*: the best schedules, two points of the best shape on the way to the target
    (the front) and the hand-set defaults are timed for real against the unreduced model,
-   interleaved in one run, and evaluated on the selection and held-out images. The choice is
-   the finalist with the lowest selection KL whose measured speed-up meets the target.
+   interleaved in one run (a close call to the target: three times, the median counts), and
+   evaluated on the selection and held-out images. The choice is the finalist with the lowest
+   selection KL whose measured speed-up meets the target.
 
 The time budget covers the whole run: the search stops early to leave time for the
 finalists, and a budget too small to reach the target still returns the best schedule
@@ -60,6 +63,7 @@ from .measure import BASELINE, build_variants, fidelity, gmacs, timed_runs
 from .measure._common import measurement_device, resolve_dtype, synchronize
 from .measure.speed import num_threads
 from .methods import get_method
+from .methods.base import default_locations
 from .methods.evovit import default_stages
 from .spec import format_spec, parse_spec
 from .utils import eval_mode, output_logits, positive_int, progress_bar, write_rows_csv
@@ -84,6 +88,21 @@ class Knob:
     (reductions inside blocks; not Evo-ViT, whose global attention starts at block 0)."""
     first: int = 1
     """The first block a shape may start at (class-attention methods skip block 0)."""
+    parts: tuple[str, ...] = ()
+    """The methods a schedule of several methods runs (their own overheads are its cost); empty: ``method``."""
+    has_default: bool = True
+    """Whether ``method`` at its defaults is a hand-set schedule to time and show (not a mix)."""
+    by_default: bool = True
+    """Whether :func:`tune` searches it when no methods are named."""
+
+    @classmethod
+    def methods(cls) -> tuple[str, ...]:
+        return cls.parts or (cls.method,)
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        """Whether every method the knob's schedules run supports ``model``."""
+        return all(get_method(name)().supports(model) for name in cls.methods())
 
     def __init__(self, depth: int, patches: int, num_prefix: int) -> None:
         self.depth, self.patches, self.num_prefix = depth, patches, num_prefix
@@ -225,12 +244,67 @@ class EvoViTKnob(Knob):
         return self.patches - 1
 
 
+class MixKnob(Knob):
+    """PPT at its default blocks (1/4, 1/2, 3/4 of the depth), ToMe at every other block, and at
+    the cut Top-K keeping one patch token: one schedule over all blocks, written as a mix spec
+    (``ppt:...+tome:r=[...]+topk:...``). A location's method is fixed by its block, so the search
+    and refinement move token counts exactly as for a single method."""
+    method = "mix"
+    parts = ("ppt", "tome", "topk")
+    has_default = False
+    by_default = False  # measured: at ViT-Tiny's 1.6-1.7x it screens worse than tome (README), and costs search time
+    steps = (1,)
+
+    def __init__(self, depth: int, patches: int, num_prefix: int) -> None:
+        super().__init__(depth, patches, num_prefix)
+        self.ppt_blocks = set(default_locations(depth)) - {self.cut}
+
+    def shapes(self) -> list[tuple[str, dict[int, float]]]:
+        """From one of the first four blocks on, every block: PPT's blocks weighted 2, 4 or 8
+        times ToMe's (flat, or ToMe falling)."""
+        out = []
+        pos = self.positions()
+        for start in pos[:4]:
+            locs = [b for b in pos if b >= start]
+            tome = [b for b in locs if b not in self.ppt_blocks]
+            for ratio in (2, 4, 8):
+                for profile in ("flat", "falling"):
+                    weights = {b: float(ratio) for b in locs if b in self.ppt_blocks}
+                    weights.update(_profile(tome, profile) if tome else {})
+                    out.append((f"from {start}, ppt {ratio}x tome {profile}", weights))
+        return out
+
+    def _before(self, values: dict[int, int], loc: int) -> int:
+        return self.patches - sum(v for b, v in values.items() if b < loc)
+
+    def spec(self, values: dict[int, int]) -> str:
+        parts = []
+        ppt = sorted(b for b, v in values.items() if v > 0 and b in self.ppt_blocks)
+        if ppt:
+            parts.append(format_spec("ppt", {"locations": ppt, "r": [values[b] for b in ppt]}))
+        r = [values.get(b, 0) if b not in self.ppt_blocks and b != self.cut else 0 for b in range(self.depth)]
+        while r and r[-1] == 0:
+            r.pop()
+        if r:
+            parts.append(format_spec("tome", {"r": r}))
+        if self.cut is not None and values.get(self.cut, 0) > 0:
+            kept = self._before(values, self.cut) - values[self.cut]
+            parts.append(format_spec("topk", {"locations": [self.cut], "tokens": [kept]}))
+        if not parts:
+            return format_spec("ppt", {"r": 0, "locations": [self.depth - 1]})
+        return "+".join(parts)
+
+    def limit(self, values: dict[int, int], loc: int) -> int:
+        n = self._before(values, loc)
+        return max(0, n - 1) if loc == self.cut else n // 2  # ppt and tome: at most half per block
+
+
 def _rate_for(kept: int, n: int) -> float:
     """The shortest keep rate (4 decimals) with ``floor(n * rate) == kept`` (Evo-ViT's rounding)."""
     return min(1.0, math.ceil(kept / n * 1e4) / 1e4)
 
 
-TUNABLE: dict[str, type[Knob]] = {k.method: k for k in (ToMeKnob, TopKKnob, EViTKnob, PPTKnob, EvoViTKnob)}
+TUNABLE: dict[str, type[Knob]] = {k.method: k for k in (ToMeKnob, TopKKnob, EViTKnob, PPTKnob, EvoViTKnob, MixKnob)}
 """Methods :func:`tune` searches, with their schedules."""
 
 
@@ -247,6 +321,8 @@ class Candidate:
     ``default`` (a method's hand-set default), ``path`` (the best shape on the way to the
     target: the front), ``finalist`` (a searched schedule at the target) or ``chosen``.
     ``pareto``: no other row is both faster (or fewer GMACs) and lower in held-out KL.
+    ``timings``: how many interleaved timings ``speedup`` is the median of (a close call to a
+    speed-up target is timed :data:`CLOSE_TIMINGS` times).
     """
     spec: str
     method: str
@@ -262,6 +338,7 @@ class Candidate:
     kl: float | None = None
     top1: float | None = None
     pareto: bool = False
+    timings: int = 1
 
 
 @dataclass
@@ -570,8 +647,9 @@ def _batches(x: Tensor, batch_size: int) -> list[Tensor]:
 
 
 def default_methods(model: nn.Module) -> list[str]:
-    """Every tunable training-free method that supports ``model``."""
-    return [name for name in TUNABLE if get_method(name)().supports(model)]
+    """Every tunable training-free method searched by default that supports ``model`` (``mix`` is
+    searched when named)."""
+    return [name for name, knob in TUNABLE.items() if knob.by_default and knob.supports(model)]
 
 
 def check_target(speedup: float | str | None, gmacs_target: float | None) -> tuple[str, float | str]:
@@ -646,10 +724,11 @@ def _setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids: str
         blocks = time_blocks(family, batch_size, grid, dev, amp)
         fixed = _time_embedding(family, even[:batch_size], dev, amp)
         advance()
-        defaults = {name: name for name in names}
+        timed = list(dict.fromkeys(m for name in names for m in TUNABLE[name].methods()))
+        defaults = {name: name for name in timed}
         target_row = None
         if isinstance(target_spec, str):  # time the target spec as a default (or the default it equals)
-            target_row = next((name for name in names if _same_config(target_spec, name)), target_spec)
+            target_row = next((name for name in timed if _same_config(target_spec, name)), target_spec)
             defaults[target_row] = target_row
         variants = build_variants(model, list(defaults.values()))
         times = timed_runs(variants, batch_size=batch_size, input_size=size, threads=threads, device=dev,
@@ -657,11 +736,15 @@ def _setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids: str
         advance()
         unreduced = statistics.median(times[BASELINE])
         cost = CostModel(grid, blocks, unreduced, fixed, len(family.blocks))
-        for name in names:
+        for name in timed:
             patch(model, name)
             sched = probe(model, family, size, count=False)
             extra = statistics.median(times[name]) - cost.raw(sched)
             cost.overhead[name] = max(0.0, extra) / max(1, sched.reductions)
+        for name in names:  # a schedule of several methods: their mean work per reducing block
+            parts = TUNABLE[name].parts
+            if parts:
+                cost.overhead[name] = statistics.mean(cost.overhead[m] for m in parts)
         unpatch(model)
         advance()
     base_gmacs = gmacs(model, size)
@@ -740,7 +823,7 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
     for name in names:
         if name not in TUNABLE:
             raise TokenSparseError(f"tune cannot search method {name!r}; tunable: {', '.join(TUNABLE)}")
-        if not get_method(name)().supports(model):
+        if not TUNABLE[name].supports(model):
             raise TokenSparseError(f"method {name!r} does not support this model")
     if not names:
         raise TokenSparseError("no tunable method supports this model")
@@ -753,6 +836,8 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
         held_passes = setup.held.size / batch_size
         rows = len(setup.defaults) + FINALIST_METHODS + REFINED_METHODS + len(FRONT_LEVELS) + 1
         finish_s = rows * (runs + 1 + held_passes) * setup.cost.total * 0.8
+        if kind == "speedup":  # close calls timed again: about half the rows, with the unreduced model
+            finish_s += (CLOSE_TIMINGS - 1) * (rows // 2 + 1) * (runs + 1) * setup.cost.total * 0.8
         deadline = t0 + budget * 60 - min(finish_s, 0.5 * budget * 60)
         search_start = time.perf_counter()
         with progress_bar("tune: search", 1, progress) as advance:
@@ -840,7 +925,9 @@ def _finalists(points: list[tuple[_Point, str]], defaults: dict[str, str], cost:
 def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, batch_size: int,
                        threads: int | None, device: torch.device, dtype: str, runs: int, progress: bool) -> None:
     """Every row's GMACs, fidelity on all search images and on the held-out ones, and its speed-up
-    timed for real, interleaved with the unreduced model in one run."""
+    timed for real, interleaved with the unreduced model in one run. Rows within :data:`CLOSE`
+    of a speed-up target (and the target's row) are timed twice more, interleaved again: their
+    speed-up is the median of the three."""
     with progress_bar("tune: finalists", len(rows) + 1, progress) as advance:
         for r in rows:
             if r.spec == BASELINE:
@@ -856,13 +943,42 @@ def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, b
             if setup.held_labels is not None:
                 r.top1 = 100.0 * (logits.argmax(-1).cpu() == setup.held_labels).float().mean().item()
             advance()
-        times = timed_runs(build_variants(model, [r.spec for r in rows]), batch_size=batch_size,
-                           input_size=setup.size, threads=threads, device=device, dtype=dtype, warmup=1, runs=runs)
+        variants = build_variants(model, [r.spec for r in rows])
+        time_kw = {"batch_size": batch_size, "input_size": setup.size, "threads": threads, "device": device,
+                   "dtype": dtype, "warmup": 1, "runs": runs}
+        speedups = _speedups(timed_runs(variants, **time_kw))
         advance()
-    base = statistics.median(times[BASELINE])
+        close = _close_calls(rows, speedups, setup) if setup.kind == "speedup" else []
+        for _ in range(CLOSE_TIMINGS - 1 if close else 0):  # a close call is timed again, medians pooled
+            again = _speedups(timed_runs({name: variants[name] for name in [BASELINE, *close]}, **time_kw))
+            for name in close:
+                speedups[name].extend(again[name])
     for r in rows:
-        r.speedup = base / statistics.median(times[r.spec])
+        r.speedup, r.timings = statistics.median(speedups[r.spec]), len(speedups[r.spec])
     rows.sort(key=lambda r: r.speedup)
+
+
+CLOSE = 0.05
+"""A measured speed-up within this share of the target is a close call."""
+CLOSE_TIMINGS = 3
+"""Interleaved timings of a close call (the first included): the speed-up is their median."""
+
+
+def _speedups(times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """One timing's speed-up of every model over the unreduced one (ratio of medians), as a list."""
+    base = statistics.median(times[BASELINE])
+    return {name: [base / statistics.median(t)] for name, t in times.items()}
+
+
+def _close_calls(rows: list[Candidate], speedups: dict[str, list[float]], setup: _Setup) -> list[str]:
+    """Rows whose first measured speed-up is within :data:`CLOSE` of the target, and the target's
+    own row (a spec target is measured too) when there are any."""
+    target = speedups[setup.target_row][0] if setup.target_row is not None else setup.target
+    close = [r.spec for r in rows if r.role != "unreduced" and r.spec != setup.target_row
+             and abs(speedups[r.spec][0] / target - 1) <= CLOSE]
+    if close and setup.target_row is not None:
+        close.append(setup.target_row)
+    return close
 
 
 def _same_config(a: str, b: str) -> bool:

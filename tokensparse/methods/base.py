@@ -164,6 +164,12 @@ class TokenReducer(BlockHook):
     :class:`~tokensparse.state.TokenState`.
     """
 
+    @property
+    def idle(self) -> bool:
+        """True when the reducer removes nothing whatever its input (``r=0``): a block that
+        another method may reduce at instead (see :class:`~tokensparse.methods.mix.Mix`)."""
+        return False
+
     def after_attn(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
         return self(x, extras, state, block)
 

@@ -93,6 +93,10 @@ class PPTReducer(TokenReducer):
     def extra_repr(self) -> str:
         return f"r={self.r}, threshold={self.threshold}"
 
+    @property
+    def idle(self) -> bool:
+        return self.r == 0
+
     def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
         P = state.num_prefix
         r = default_r(state.patch_to_token.shape[1]) if self.r is None else self.r

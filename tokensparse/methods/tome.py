@@ -44,6 +44,10 @@ class ToMeReducer(TokenReducer):
     def extra_repr(self) -> str:
         return f"r={self.r}"
 
+    @property
+    def idle(self) -> bool:
+        return self.r == 0
+
     def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
         r = min(self.r, (x.shape[1] - state.num_prefix) // 2)
         if r > 0:
