@@ -74,6 +74,17 @@ record schedule_fidelity python benchmarks/schedule_fidelity.py ppt tome:r=13 "t
   "ppt:locations=[2,4,6,8,10],r=30" "ppt:locations=[2,4,6,8,10],r=34" "ppt:locations=[3,4,5,6,7,8,9,10],r=23" \
   "ppt:locations=[2,5,8],r=[50,45,40]" "ppt:locations=[3,6,9,11],r=[50,50,50,23]" ppt:threshold=3e-5 \
   ppt:threshold=3e-4 ppt:threshold=1 ppt:r=53,threshold=3e-4 --threads 2
+# the same search run again (the run-to-run spread of the choice on this machine)
+record tune_vit_tiny_run2 tokensparse tune --model vit_tiny_patch16_224.augreg_in21k_ft_in1k --weights "$W" \
+  --images "$I/images" --wnids "$I/wnids.txt" --speedup tome:r=13 --threads 2 --batch-size 64 --out "$OUT/tune_vit_tiny_run2"
+# schedules of several methods in one model (mix: ppt, tome, a top-k cut) against ppt, both halves
+record mix_fidelity python benchmarks/schedule_fidelity.py ppt tome:r=13 "tome:r=[0,0,0,30,28,25,22,19,16,13,10]" \
+  "ppt+topk:locations=[11],tokens=[1]" "ppt:locations=[3],r=50+tome:r=[0,0,0,0,14,14,14,14,14,14,14]" \
+  "ppt:locations=[3,6],r=50+tome:r=[0,0,0,0,0,0,0,10,10,10,10]" \
+  "ppt:locations=[3,6],r=50+tome:r=[0,0,0,0,0,0,0,12,12,12]+topk:locations=[11],tokens=[1]" \
+  "ppt:locations=[3,6,9],r=44+tome:r=[0,0,0,0,6,6,0,6,6]+topk:locations=[11],tokens=[1]" \
+  "tome:r=[0,0,0,20,20,20]+ppt:locations=[6,9],r=50" "tome:r=[0,0,0,25,25,25]+ppt:locations=[6,9],r=40" \
+  "ppt:locations=[3,6,9],r=[44,44,23]+tome:r=[0,0,17,0,14,12,0,10,8,0,6]" --threads 2
 
 # Evo-ViT on LeViT
 record levit_speed tokensparse bench --model levit_256 --batch-size 32 --threads 2 --method evovit \

@@ -139,7 +139,7 @@ def macs_clock(monkeypatch):
     monkeypatch.setattr(tune_module, "_time_embedding", time_embedding)
 
 
-@pytest.mark.parametrize("target", [1.6, "tome:r=8"])
+@pytest.mark.parametrize("target", ["tome:r=8"])  # a number as the target: the close-call test below
 def test_speedup_target_is_met_under_a_noise_free_clock(photos, macs_clock, target):
     """With timings that are exactly the multiply-adds, the cost model predicts every searched
     schedule, so the search lands on the target and the choice meets it."""
@@ -188,8 +188,8 @@ def test_close_calls_are_timed_three_times_and_their_median_counts(photos, macs_
 
 def test_speedup_timed_for_real_reports_what_it_measured(photos):
     """Real timing (noisy here): whatever was measured, the verdict and the choice follow from it."""
-    model = small_vit(img_size=128, embed_dim=192)
-    result = tune(model, photos, speedup=1.2, methods=["tome"], batch_size=8, budget=0.1, runs=2, progress=False)
+    result = tune(small_vit(), photos, speedup=1.2, methods=["tome"], batch_size=8, budget=0.1, runs=2,
+                  progress=False)
     reduced = [r for r in result.rows if r.role != "unreduced"]
     assert all(r.speedup > 0 for r in result.rows)
     assert result.met_target == any(r.speedup >= 1.2 for r in reduced)
