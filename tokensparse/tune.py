@@ -90,8 +90,6 @@ class Knob:
     """The first block a shape may start at (class-attention methods skip block 0)."""
     parts: tuple[str, ...] = ()
     """The methods a schedule of several methods runs (their own overheads are its cost); empty: ``method``."""
-    has_default: bool = True
-    """Whether ``method`` at its defaults is a hand-set schedule to time and show (not a mix)."""
     by_default: bool = True
     """Whether :func:`tune` searches it when no methods are named."""
 
@@ -251,8 +249,7 @@ class MixKnob(Knob):
     and refinement move token counts exactly as for a single method."""
     method = "mix"
     parts = ("ppt", "tome", "topk")
-    has_default = False
-    by_default = False  # measured: at ViT-Tiny's 1.6-1.7x it screens worse than tome (README), and costs search time
+    by_default = False  # measured (mix_fidelity.txt): on ViT-Tiny its extra reducing blocks cost more than its KL gains
     steps = (1,)
 
     def __init__(self, depth: int, patches: int, num_prefix: int) -> None:
