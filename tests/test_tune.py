@@ -20,7 +20,7 @@ from tokensparse.cli import main
 from tokensparse.measure import gmacs
 from tokensparse.measure.flops import attention_flop_mapping
 from tokensparse.spec import parse_spec
-from tokensparse.tune import TUNABLE, CostModel, EvoViTKnob, MixKnob, PPTKnob, ToMeKnob, TopKKnob, probe, tune
+from tokensparse.tune import TUNABLE, CostModel, EvoViTKnob, MixKnob, PPTKnob, ToMeKnob, TopKKnob, probe, refines, tune
 
 SMALL = {"img_size": 64, "patch_size": 8, "depth": 6, "embed_dim": 64, "num_heads": 2, "num_classes": 10}
 
@@ -83,6 +83,15 @@ def test_a_mix_schedule_places_ppt_tome_and_the_cut_by_block():
     assert knob.spec({}) == "ppt:r=0,locations=[5]"  # nothing removed: a spec that removes nothing
     model = small_vit()
     assert MixKnob.supports(model) and "mix" not in tune_module.default_methods(model)  # searched when named
+
+
+def test_a_refinement_step_is_kept_only_when_both_halves_of_the_screening_images_agree():
+    def point(kl, halves):
+        return tune_module._Point("tome", {}, "tome", None, 1.0, 90.0, kl, halves=halves)
+    old = point(0.10, (0.12, 0.08))
+    assert refines(point(0.09, (0.11, 0.07)), old)
+    assert not refines(point(0.09, (0.06, 0.12)), old)  # lower on average, worse on the odd half
+    assert not refines(point(0.098, (0.117, 0.079)), old)  # lower on both, but by less than 3%
 
 
 def test_cost_model_fits_the_block_timings_and_scales_to_the_model():

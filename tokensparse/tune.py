@@ -532,6 +532,7 @@ class _Point:
     label: str = ""
     weights: dict[int, float] = field(default_factory=dict)  # the shape it was scaled from
     cut: bool = False
+    halves: tuple[float, ...] = ()  # KL on the even and on the odd screening images
 
 
 class _Search:
@@ -580,9 +581,11 @@ class _Search:
         spec = knob.spec(values)
         if spec not in self.seen:
             patch(self.model, spec)
-            agreement, kl = fidelity(self.evaluator.logits(knob.first_block(values)), self.reference)
+            logits = self.evaluator.logits(knob.first_block(values))
+            agreement, kl = fidelity(logits, self.reference)
+            halves = tuple(fidelity(logits[h::2], self.reference[h::2])[1] for h in (0, 1))
             self.seen[spec] = _Point(knob.method, dict(values), spec, schedule, cost, agreement, kl, label,
-                                     dict(weights), cut)
+                                     dict(weights), cut, halves)
             self.evaluations += 1
             self.advance(f"{knob.method} {label}: KL {kl:.4f}")
         return self.seen[spec]
@@ -608,8 +611,7 @@ class _Search:
 
     def refine(self, knob: Knob, point: _Point, goal: float, deadline: float) -> _Point:
         """Coordinate search from ``point``: halve or raise one location's weight (or add a
-        location), rescaled to the goal; keep a change that lowers the KL by more than 3% (smaller
-        gains are within what fitting the screening images gives)."""
+        location), rescaled to the goal; keep a change that :func:`refines` it."""
         improved = True
         while improved and time.perf_counter() < deadline:
             improved = False
@@ -620,9 +622,16 @@ class _Search:
                     trial = dict(point.weights)
                     trial[loc] = trial.get(loc, 0.5 / factor) * factor
                     new = self.at_goal(knob, trial, point.cut, goal, point.label.split(" (")[0] + " (refined)")
-                    if new is not None and new.kl < point.kl * 0.97:
+                    if new is not None and refines(new, point):
                         point, improved = new, True
         return point
+
+
+def refines(new: _Point, old: _Point) -> bool:
+    """Whether a refinement step is kept: it lowers the screening KL by more than 3%, and on both
+    halves of the screening images (so a step that fits a few images on one half is not: a
+    long refinement otherwise drifts to schedules the selection images find far worse)."""
+    return new.kl < old.kl * 0.97 and all(n < o for n, o in zip(new.halves, old.halves, strict=True))
 
 
 # ----------------------------------------------------------------------------- the run
