@@ -79,6 +79,8 @@ record tune_vit_tiny_run2 tokensparse tune --model vit_tiny_patch16_224.augreg_i
   --images "$I/images" --wnids "$I/wnids.txt" --speedup tome:r=13 --threads 2 --batch-size 64 --out "$OUT/tune_vit_tiny_run2"
 record tune_vit_tiny_run3 tokensparse tune --model vit_tiny_patch16_224.augreg_in21k_ft_in1k --weights "$W" \
   --images "$I/images" --wnids "$I/wnids.txt" --speedup tome:r=13 --threads 2 --batch-size 64 --out "$OUT/tune_vit_tiny_run3"
+record tune_vit_tiny_run4 tokensparse tune --model vit_tiny_patch16_224.augreg_in21k_ft_in1k --weights "$W" \
+  --images "$I/images" --wnids "$I/wnids.txt" --speedup tome:r=13 --threads 2 --batch-size 64 --out "$OUT/tune_vit_tiny_run4"
 # schedules of several methods in one model (mix: ppt, tome, a top-k cut) against ppt, both halves
 record mix_fidelity python benchmarks/schedule_fidelity.py ppt tome:r=13 "tome:r=[0,0,0,30,28,25,22,19,16,13,10]" \
   "ppt+topk:locations=[11],tokens=[1]" "ppt:locations=[3],r=50+tome:r=[0,0,0,0,14,14,14,14,14,14,14]" \
