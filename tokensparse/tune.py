@@ -29,7 +29,8 @@ speed-up:
    method can remove cut after the last block's attention (free for a class-token head: only
    the class token goes on), then the two best methods' best shapes are refined one location
    at a time (a step counts only when both halves of the screening images agree). A
-   candidate's pass resumes at its first reducing block from the unreduced tokens kept there (Evo-ViT, whose global attention starts at block 0, runs whole).
+   candidate's pass resumes at its first reducing block from the unreduced tokens kept there
+   (Evo-ViT, whose global attention starts at block 0, runs whole).
 5. *Finalists*: the best schedules, two points of the best shape on the way to the target
    (the front) and the hand-set defaults are timed for real against the unreduced model,
    interleaved in one run (a close call to the target: three times, the median counts), and
