@@ -137,6 +137,10 @@ class Knob:
         """The most tokens location ``loc`` may remove given the earlier locations' values."""
         raise NotImplementedError
 
+    def _before(self, values: dict[int, int], loc: int) -> int:
+        """Patch tokens entering location ``loc`` after the earlier locations' values."""
+        return self.patches - sum(v for b, v in values.items() if b < loc)
+
     def fill(self, weights: dict[int, float], amount: float, cut: bool) -> dict[int, int]:
         """``round(amount * weight)`` tokens at each location (within the limits, in block order), and
         as many as allowed at the cut block when ``cut``."""
@@ -177,8 +181,7 @@ class ToMeKnob(Knob):
         return format_spec("tome", {"r": r})
 
     def limit(self, values: dict[int, int], loc: int) -> int:
-        n = self.patches - sum(v for b, v in values.items() if b < loc)
-        return n // 2  # ToMe merges at most half of the patch tokens per block
+        return self._before(values, loc) // 2  # ToMe merges at most half of the patch tokens per block
 
 
 class TopKKnob(Knob):
@@ -186,7 +189,7 @@ class TopKKnob(Knob):
     method = "topk"
     fuse = False
 
-    def _before(self, values: dict[int, int], loc: int) -> int:
+    def _before(self, values: dict[int, int], loc: int) -> int:  # EViT: each earlier location adds a fused token
         earlier = [v for b, v in values.items() if b < loc and v > 0]
         return self.patches - sum(earlier) + (len(earlier) if self.fuse else 0)
 
@@ -216,8 +219,7 @@ class PPTKnob(Knob):
         return format_spec("ppt", {"locations": locs, "r": [values[b] for b in locs]})
 
     def limit(self, values: dict[int, int], loc: int) -> int:
-        n = self.patches - sum(v for b, v in values.items() if b < loc)
-        return n // 2  # both branches remove at most half of the patch tokens
+        return self._before(values, loc) // 2  # both branches remove at most half of the patch tokens
 
 
 class EvoViTKnob(Knob):
@@ -271,9 +273,6 @@ class MixKnob(Knob):
                     weights.update(_profile(tome, profile) if tome else {})
                     out.append((f"from {start}, ppt {ratio}x tome {profile}", weights))
         return out
-
-    def _before(self, values: dict[int, int], loc: int) -> int:
-        return self.patches - sum(v for b, v in values.items() if b < loc)
 
     def spec(self, values: dict[int, int]) -> str:
         parts = []
