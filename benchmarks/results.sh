@@ -65,6 +65,9 @@ rm -rf "$OUT/.vit-tiny-hf"
 record ppt_branches python benchmarks/ppt_branches.py
 record evovit_accuracy python benchmarks/evovit_accuracy.py
 record dynamicvit_calibrate python benchmarks/dynamicvit_calibrate.py --threads 2
+record dynamicvit_calibrate_lr2e-3_odd python benchmarks/dynamicvit_calibrate.py --threads 2 --fold odd --lr 0.002
+record dynamicvit_calibrate_epochs8_odd python benchmarks/dynamicvit_calibrate.py --threads 2 --fold odd --epochs 8
+record oracle_rankings python benchmarks/oracle_rankings.py --threads 2
 # tokensparse tune: searched on the even positions, every reported number on the odd ones (OUT/tune_vit_tiny/tune.{csv,png})
 record tune_vit_tiny tokensparse tune --model vit_tiny_patch16_224.augreg_in21k_ft_in1k --weights "$W" \
   --images "$I/images" --wnids "$I/wnids.txt" --speedup tome:r=13 --threads 2 --batch-size 64 --out "$OUT/tune_vit_tiny"

@@ -1,0 +1,134 @@
+"""How much agreement can choosing tokens alone buy a frozen ViT-Tiny at DynamicViT's token counts?
+
+    python benchmarks/oracle_rankings.py [--threads 2]
+
+Keeps the same number of patch tokens as ``dynamicvit:rho=0.7`` (137, 96, 67 entering blocks 3,
+6, 9; each location chooses among the previous one's survivors) but ranks them by signals
+computed from the *unreduced* model on the same image, which a predictor can at best imitate:
+
+- ``class attention, block before``: head-averaged class attention of the block before the location;
+- ``rollout``: attention rollout from the location to the last block (what the calibration's warm
+  start imitates);
+- ``|grad x input|``: gradient of the unreduced model's top-1 log-probability with respect to the tokens
+  entering the location, times the tokens, summed over channels;
+- ``|grad| norm``: the norm of that gradient.
+
+``topk`` (tokensparse, pruning after its block's attention, as in the calibration benchmark) is shown
+for reference. Prints agreement with the unreduced model and mean KL on the even and odd positions
+of the shared images: nothing here is fitted.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+import tokensparse
+from tokensparse.data import ImageNetFolder, load_rgb, model_transform
+from tokensparse.measure import fidelity
+from tokensparse.models import create_model
+
+ROOT = Path(os.environ.get("TOKENSPARSE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
+MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+LOCATIONS, KEEP = [3, 6, 9], [137, 96, 67]
+
+
+def block_forward(block: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """One timm ViT block with its attention matrix ``(B, H, N, N)`` made explicit."""
+    attn = block.attn
+    B, N, C = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(B, N, 3, attn.num_heads, C // attn.num_heads).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    x = x + block.ls1(attn.proj((a @ v).transpose(1, 2).reshape(B, N, C)))
+    return x + block.ls2(block.mlp(block.norm2(x))), a
+
+
+def embed(model: torch.nn.Module, images: Tensor) -> Tensor:
+    return model.norm_pre(model._pos_embed(model.patch_embed(images)))
+
+
+def rollout_from(attentions: list[Tensor], start: int) -> Tensor:
+    """Class-token row of the attention rollout from block ``start`` to the last, over patch tokens."""
+    eye = torch.eye(attentions[0].shape[-1])
+    flow = None
+    for a in reversed(attentions[start:]):
+        step = 0.5 * eye + 0.5 * a.mean(dim=1)
+        flow = step if flow is None else flow @ step
+    return flow[:, 0, 1:]
+
+
+def oracle_scores(model: torch.nn.Module, images: Tensor) -> tuple[Tensor, dict[str, dict[int, Tensor]]]:
+    """The unreduced logits and, per signal, ``{location: (B, 196) scores}`` over the original patches."""
+    x = embed(model, images)
+    inputs, attentions = [], []
+    for block in model.blocks:
+        inputs.append(x)
+        x, a = block_forward(block, x)
+        attentions.append(a.detach())
+    logits = model.forward_head(model.norm(x))
+    top1 = logits.argmax(dim=-1, keepdim=True)
+    grads = torch.autograd.grad(logits.log_softmax(-1).gather(1, top1).sum(), [inputs[b] for b in LOCATIONS])
+    return logits.detach(), {
+        "class attention, block before": {b: attentions[b - 1][:, :, 0, 1:].mean(dim=1) for b in LOCATIONS},
+        "rollout": {b: rollout_from(attentions, b) for b in LOCATIONS},
+        "|grad x input|": {b: (g * inputs[b]).sum(-1)[:, 1:].abs().detach() for b, g in zip(LOCATIONS, grads)},
+        "|grad| norm": {b: g[:, 1:].norm(dim=-1) for b, g in zip(LOCATIONS, grads)},
+    }
+
+
+@torch.no_grad()
+def pruned_logits(model: torch.nn.Module, images: Tensor, scores: dict[int, Tensor]) -> Tensor:
+    """Logits with only the best-scored surviving patch tokens entering each location (order kept)."""
+    x = embed(model, images)
+    alive = torch.arange(x.shape[1] - 1).expand(x.shape[0], -1)
+    for i, block in enumerate(model.blocks):
+        if i in LOCATIONS:
+            keep = scores[i].gather(1, alive).topk(KEEP[LOCATIONS.index(i)], dim=1).indices.sort(dim=1).values
+            alive = alive.gather(1, keep)
+            patches = x[:, 1:].gather(1, keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+            x = torch.cat([x[:, :1], patches], dim=1)
+        x, _ = block_forward(block, x)
+    return model.forward_head(model.norm(x))
+
+
+def batched(fn: Callable[[Tensor], Tensor], images: Tensor, size: int = 50) -> Tensor:
+    return torch.cat([fn(images[i:i + size]) for i in range(0, len(images), size)])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", type=Path, default=ROOT / "weights" / f"{MODEL}.safetensors")
+    p.add_argument("--images", type=Path, default=ROOT / "data" / "imagenet-sample" / "images")
+    p.add_argument("--wnids", type=Path, default=ROOT / "data" / "imagenet-sample" / "wnids.txt")
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = create_model(MODEL, weights=args.weights).eval()
+    transform = model_transform(model)
+    images = torch.stack([transform(load_rgb(path)) for path, _ in ImageNetFolder(args.images, args.wnids).samples])
+    reference, rows = [], {}
+    for i in range(0, len(images), 50):
+        batch = images[i:i + 50]
+        logits, signals = oracle_scores(model, batch)
+        reference.append(logits)
+        for name, scores in signals.items():
+            rows.setdefault(name, []).append(pruned_logits(model, batch, scores))
+    reference = torch.cat(reference)
+    topk = tokensparse.patch(copy.deepcopy(model), f"topk:tokens=[{','.join(map(str, KEEP))}]")
+    with torch.inference_mode():
+        rows = {"topk (tokensparse)": batched(topk, images), **{k: torch.cat(v) for k, v in rows.items()}}
+    print(f"ViT-Tiny (shared weights), {len(images)} images; patch tokens entering blocks {LOCATIONS}: {KEEP}")
+    print(f"{'ranking':32s} {'even agree':>10s} {'even KL':>8s} {'odd agree':>10s} {'odd KL':>8s}")
+    for name, logits in rows.items():
+        (ae, ke), (ao, ko) = fidelity(logits[0::2], reference[0::2]), fidelity(logits[1::2], reference[1::2])
+        print(f"{name:32s} {ae:10.1f} {ke:8.4f} {ao:10.1f} {ko:8.4f}")
+
+
+if __name__ == "__main__":
+    main()
