@@ -20,26 +20,24 @@ computed from the *unreduced* model on the same image, which a predictor can at 
 
 ``topk`` (tokensparse, pruning after its block's attention, as in the calibration benchmark) is shown
 for reference. Prints agreement with the unreduced model and mean KL on the even and odd positions
-of the shared images: nothing here is fitted.
+of the shared images: nothing here is fitted across images.
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import os
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from dynamicvit_calibrate import MODEL, ROOT, logits_of  # this folder: run as a script
 from torch import Tensor
 
 import tokensparse
 from tokensparse.data import ImageNetFolder, load_rgb, model_transform
 from tokensparse.measure import fidelity
 from tokensparse.models import create_model
+from tokensparse.ops import attention_rollout
 
-ROOT = Path(os.environ.get("TOKENSPARSE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 LOCATIONS, KEEP = [3, 6, 9], [137, 96, 67]
 
 
@@ -60,16 +58,6 @@ def embed(model: torch.nn.Module, images: Tensor) -> Tensor:
     return model.norm_pre(model._pos_embed(model.patch_embed(images)))
 
 
-def rollout_from(attentions: list[Tensor], start: int) -> Tensor:
-    """Class-token row of the attention rollout from block ``start`` to the last, over patch tokens."""
-    eye = torch.eye(attentions[0].shape[-1])
-    flow = None
-    for a in reversed(attentions[start:]):
-        step = 0.5 * eye + 0.5 * a.mean(dim=1)
-        flow = step if flow is None else flow @ step
-    return flow[:, 0, 1:]
-
-
 def oracle_scores(model: torch.nn.Module, images: Tensor) -> tuple[Tensor, dict[str, dict[int, Tensor]]]:
     """The unreduced logits and, per signal, ``{location: (B, 196) scores}`` over the original patches."""
     x = embed(model, images)
@@ -83,7 +71,7 @@ def oracle_scores(model: torch.nn.Module, images: Tensor) -> tuple[Tensor, dict[
     grads = torch.autograd.grad(logits.log_softmax(-1).gather(1, top1).sum(), [inputs[b] for b in LOCATIONS])
     return logits.detach(), {
         "class attention, block before": {b: attentions[b - 1][:, :, 0, 1:].mean(dim=1) for b in LOCATIONS},
-        "rollout": {b: rollout_from(attentions, b) for b in LOCATIONS},
+        "rollout": {b: attention_rollout([a.mean(dim=1) for a in attentions[b:]])[:, 0, 1:] for b in LOCATIONS},
         "|grad x input|": {b: (g * inputs[b]).sum(-1)[:, 1:].abs().detach() for b, g in zip(LOCATIONS, grads)},
         "|grad| norm": {b: g[:, 1:].norm(dim=-1) for b, g in zip(LOCATIONS, grads)},
     }
@@ -119,7 +107,7 @@ def optimised_scores(model: torch.nn.Module, images: Tensor, reference: Tensor, 
         logits = model.forward_head(model.norm(x))
         loss = torch.nn.functional.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="batchmean")
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward(inputs=list(scores.values()))  # the scores' gradients only, not the weights'
         optimizer.step()
     return {b: s.detach() for b, s in scores.items()}
 
@@ -137,10 +125,6 @@ def pruned_logits(model: torch.nn.Module, images: Tensor, scores: dict[int, Tens
             x = torch.cat([x[:, :1], patches], dim=1)
         x, _ = block_forward(block, x)
     return model.forward_head(model.norm(x))
-
-
-def batched(fn: Callable[[Tensor], Tensor], images: Tensor, size: int = 50) -> Tensor:
-    return torch.cat([fn(images[i:i + size]) for i in range(0, len(images), size)])
 
 
 def main() -> None:
@@ -164,8 +148,7 @@ def main() -> None:
             rows.setdefault(name, []).append(pruned_logits(model, batch, scores))
     reference = torch.cat(reference)
     topk = tokensparse.patch(copy.deepcopy(model), f"topk:tokens=[{','.join(map(str, KEEP))}]")
-    with torch.inference_mode():
-        rows = {"topk (tokensparse)": batched(topk, images), **{k: torch.cat(v) for k, v in rows.items()}}
+    rows = {"topk (tokensparse)": logits_of(topk, images), **{k: torch.cat(v) for k, v in rows.items()}}
     print(f"ViT-Tiny (shared weights), {len(images)} images; patch tokens entering blocks {LOCATIONS}: {KEEP}")
     print(f"{'ranking':32s} {'even agree':>10s} {'even KL':>8s} {'odd agree':>10s} {'odd KL':>8s}")
     for name, logits in rows.items():

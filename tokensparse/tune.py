@@ -189,9 +189,10 @@ class TopKKnob(Knob):
     method = "topk"
     fuse = False
 
-    def _before(self, values: dict[int, int], loc: int) -> int:  # EViT: each earlier location adds a fused token
-        earlier = [v for b, v in values.items() if b < loc and v > 0]
-        return self.patches - sum(earlier) + (len(earlier) if self.fuse else 0)
+    def _before(self, values: dict[int, int], loc: int) -> int:
+        """As :meth:`Knob._before`, plus the token each earlier reducing location fuses (EViT)."""
+        fused = sum(1 for b, v in values.items() if b < loc and v > 0) if self.fuse else 0
+        return super()._before(values, loc) + fused
 
     def spec(self, values: dict[int, int]) -> str:
         locs = sorted(b for b, v in values.items() if v > 0)
