@@ -82,8 +82,10 @@ BUILDERS = {
 }
 PREFIX = {"DeiT": 2, "Dinov2WithRegisters": 4, "Siglip": 0}  # by class-name prefix; others 1
 FAMILY_OF = {"ViT": "hf-vit", "DeiT": "hf-vit", "Dinov2": "hf-dinov2", "CLIP": "hf-clip", "Siglip": "hf-siglip"}
-EXACT = ["topk:keep_rate=1", "evit:keep_rate=1", "tome:r=0", "ppt:r=0", "evovit:keep_rate=1.0", "dynamicvit:rho=1"]
-METHODS = ["topk", "evit", "tome", "ppt", "evovit", "dynamicvit"]
+EXACT = ["topk:keep_rate=1", "evit:keep_rate=1", "tome:r=0", "mctf:r=0", "ppt:r=0", "evovit:keep_rate=1.0",
+         "dynamicvit:rho=1"]
+METHODS = ["topk", "evit", "tome", "mctf", "ppt", "evovit", "dynamicvit"]
+SPECS = [*METHODS, "mctf:one_step_ahead=true"]  # each method at its defaults, and MCTF's other form
 CLASS_TOKEN_METHODS = {"topk", "evit", "ppt", "evovit"}
 
 
@@ -171,16 +173,17 @@ def test_keep_everything_is_exact_and_unpatch_restores(built, name, spec):
     assert all(torch.equal(again[k], ref[k]) for k in ref)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("spec", SPECS)
 @pytest.mark.parametrize("name", list(BUILDERS))
-def test_methods_at_defaults_eval_and_train(built, name, method):
+def test_methods_at_defaults_eval_and_train(built, name, spec):
     model, x, ref = built[name]
+    method = spec.split(":")[0]
     if not get_method(method)().supports(model):
         assert name.startswith("Siglip") and method in CLASS_TOKEN_METHODS
         return
     reached = grads_after_backward(model, x)  # unpatched: every parameter the loss depends on
     model.eval()
-    tokensparse.patch(model, method)
+    tokensparse.patch(model, spec)
     new = {n for n, _ in model.named_parameters() if ".ts_" in n}  # DynamicViT's predictors
     assert bool(new) == (method == "dynamicvit")
     try:

@@ -68,7 +68,8 @@ class TokenState:
     masks per location, with gradients), ``features`` and the token layout for families
     with position biases: ``grid_positions`` ``(B, k)`` grid index of the tokens after the
     prefix (None: the whole grid in order) followed by ``trailing`` tokens without a position;
-    hierarchical families set ``stage`` and ``grid`` ``(H, W)`` while a stage runs.
+    hierarchical families set ``stage`` and ``grid`` ``(H, W)`` while a stage runs; ``pending``: a
+    value a block's hook keeps from its attention to the block's end (MCTF merging after the block).
     """
 
     def __init__(self, num_prefix: int = 0, prop_attn: bool = False, keep_features: bool = False,
@@ -92,6 +93,7 @@ class TokenState:
         self.trailing = 0
         self.grid: tuple[int, int] | None = None
         self.stage: int | None = None
+        self.pending: Tensor | None = None
 
     def __deepcopy__(self, memo: dict) -> TokenState:
         """A fresh state with the same configuration: a pass's records (with autograd history) are not copied."""

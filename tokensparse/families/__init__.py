@@ -17,6 +17,7 @@ from ..errors import TokenSparseError
 from .base import (
     HOOK,
     SLOT,
+    AheadMerge,
     AttentionExtras,
     BlockHook,
     Family,
@@ -62,6 +63,7 @@ __all__ = [
     "FAMILIES",
     "HOOK",
     "SLOT",
+    "AheadMerge",
     "AttentionExtras",
     "BlockHook",
     "ConvNeXtFamily",

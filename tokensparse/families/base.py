@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -105,16 +105,31 @@ class AttentionExtras:
     mean query's row (models without a class token); ``keys``: ``(B, N, D)`` keys averaged
     over heads; ``value_norm``: ``(B, N)`` L2 norm of each token's value vector;
     ``attention``: ``(B, N, N)`` the whole attention matrix averaged over heads (O(N^2): for
-    analysis and calibration targets, never a method's eval path).
+    analysis and calibration targets, never a method's eval path); ``received``: ``(B, N)`` the
+    mean attention each token receives, over heads and queries (MCTF's informativeness: the
+    block's attention then runs on explicit probabilities, which it needs anyway).
     """
     cls_attn: Tensor | None = None
     mean_attn: Tensor | None = None
     keys: Tensor | None = None
     value_norm: Tensor | None = None
     attention: Tensor | None = None
+    received: Tensor | None = None
 
 
-EXTRAS = frozenset({"cls_attn", "mean_attn", "keys", "value_norm", "attention"})
+EXTRAS = frozenset({"cls_attn", "mean_attn", "keys", "value_norm", "attention", "received"})
+
+
+class AheadMerge(NamedTuple):
+    """A merge decided from a block's attention before its output is computed (MCTF's one-step-ahead).
+
+    ``x``: the merged tokens ``(B, N', C)``; ``assign``: ``(B, N)`` each old token's new index;
+    ``weights``: ``(B, N, 1)`` each old token's weight within its group (summing to 1 per group):
+    the merged attention output of a group is the weighted average of its members' rows.
+    """
+    x: Tensor
+    assign: Tensor
+    weights: Tensor
 
 
 class BlockHook(nn.Module):
@@ -126,8 +141,20 @@ class BlockHook(nn.Module):
     Each returns the (possibly reduced) tokens ``(B, N, C)``; ``block`` is the block's index
     (within its stage for hierarchical families). Every default is the identity.
     A hook lives at ``block.ts_reducer``, so learned hooks are ordinary parameters.
+
+    A hook with ``merges_ahead`` instead merges inside the attention (MCTF's one-step-ahead):
+    the family computes the attention probabilities ``(B, H, N, N)`` on the block's input,
+    :meth:`merge_ahead` merges the input from them, and the attention output of each merged
+    token is its group's weighted average of rows applied to the merged tokens' values (the
+    attention to a merged key is the sum over its members); the rest of the block runs on the
+    merged tokens.
     """
     needs: frozenset[str] = frozenset()
+    merges_ahead: bool = False
+
+    def merge_ahead(self, x: Tensor, attn: Tensor, state: TokenState, block: int) -> AheadMerge | None:
+        """Merge the block's input ``x`` from its attention ``attn`` (None: merge nothing here)."""
+        return None
 
     def before(self, x: Tensor, state: TokenState, block: int) -> Tensor:
         return x
@@ -220,12 +247,14 @@ class TokenFamily(TimmParts):
     may read: ``num_prefix`` (class, distillation, register tokens), ``has_class_token``,
     ``depth`` (blocks), ``stage_depths`` (blocks per stage; one stage for plain ViTs),
     ``reducible`` (blocks accept any token subset: False when later stages need the whole
-    grid, as LeViT's downsampling), ``pools`` (``TokenState.pool`` values its head takes) and
-    ``can_add_class_token``.
+    grid, as LeViT's downsampling), ``pools`` (``TokenState.pool`` values its head takes),
+    ``can_add_class_token`` and ``merges_ahead`` (its blocks run hooks that merge inside the
+    attention, :attr:`BlockHook.merges_ahead`, and its attention gives ``received``).
     """
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     reducible: ClassVar[bool] = True
+    merges_ahead: ClassVar[bool] = False
     pools: ClassVar[tuple[str, ...]] = ("model",)
     can_add_class_token: ClassVar[bool] = False
 

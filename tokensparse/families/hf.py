@@ -50,6 +50,7 @@ class HFFamily(TokenFamily):
     module: ClassVar[str] = ""
     classes: ClassVar[dict[str, str]] = {}
     pools: ClassVar[tuple[str, ...]] = ("model",)
+    merges_ahead: ClassVar[bool] = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

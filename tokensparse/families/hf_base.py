@@ -37,11 +37,11 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils.generic import can_return_tuple
 
 from ..errors import TokenSparseError
-from ..ops import policy_softmax
+from ..ops import attention_probs, policy_softmax
 from ..state import TokenState
 from .base import HOOK, AttentionExtras, BlockHook, attach, model_state, slot, swap_class
 from .hf import SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, HFFamily
-from .vit import attention_extras, pool_tokens
+from .vit import attend_ahead, attention_extras, heads, pool_tokens
 
 MASK_ERROR = "token reduction does not support attention masks on transformers models (every token attends to all)"
 
@@ -132,14 +132,34 @@ class HFTokenAttention(nn.Module):
         v = getattr(self, lay.v)(x).view(B, N, -1, D).transpose(1, 2)
         scale = float(getattr(self, lay.scale))
         p = float(getattr(self, lay.dropout)) if self.training else 0.0
+        probs = None
         if keep is not None:
             weights = policy_softmax((q * scale) @ k.transpose(-2, -1), keep)
             out = F.dropout(weights, p, self.training).to(v.dtype) @ v
+        elif "received" in needs:
+            probs = attention_probs(q, k, scale, bias)
+            out = F.dropout(probs, p, self.training) @ v
         else:
             mask = None if bias is None else bias.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
         out = getattr(self, lay.out)(out.transpose(1, 2).reshape(B, N, -1))
-        return out, attention_extras(q, k, v, scale, bias, needs)
+        return out, attention_extras(q, k, v, scale, bias, needs, probs)
+
+    def forward_ahead(self, x: Tensor, norm: nn.Module, bias: Tensor | None, hook: BlockHook, state: TokenState,
+                      block: int) -> tuple[Tensor, Tensor]:
+        """One-step-ahead attention on the layer input ``x`` (:func:`~tokensparse.families.vit.attend_ahead`):
+        the attention output ``(B, N', C)`` and the merged tokens."""
+        lay = self.layout
+        D = int(self.head_dim)
+        p = float(getattr(self, lay.dropout)) if self.training else 0.0
+
+        def qk(h: Tensor) -> tuple[Tensor, Tensor]:
+            q, k = getattr(self, lay.q)(h), getattr(self, lay.k)(h)
+            return heads(q, q.shape[-1] // D), heads(k, k.shape[-1] // D)
+
+        out, x = attend_ahead(x, norm, qk, getattr(self, lay.v), float(getattr(self, lay.scale)), bias, hook, state,
+                              block, lambda t: F.dropout(t, p, self.training))
+        return getattr(self, lay.out)(out), x
 
 
 class HFTokenLayer(nn.Module):
@@ -171,7 +191,11 @@ class HFTokenLayer(nn.Module):
             x = x + self._branch(y, lay.post_attn)
             return x + self._branch(getattr(self, lay.mlp)(getattr(self, lay.norm2)(x)), lay.post_mlp)
         x = hook.before(x, state, s.index)
-        y, extras = attn.forward_tokens(norm1(x), state.attn_bias(), state.attn_policy(), hook.needs)
+        if hook.merges_ahead:
+            y, x = attn.forward_ahead(x, norm1, state.attn_bias(), hook, state, s.index)
+            extras = AttentionExtras()
+        else:
+            y, extras = attn.forward_tokens(norm1(x), state.attn_bias(), state.attn_policy(), hook.needs)
         x = x + self._branch(y, lay.post_attn)
         x = hook.after_attn(x, extras, state, s.index)
         x = x + self._branch(getattr(self, lay.mlp)(getattr(self, lay.norm2)(x)), lay.post_mlp)

@@ -9,7 +9,7 @@ Weights and submodules stay timm's.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -19,22 +19,54 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import TokenSparseError
-from ..ops import attention_matrix, class_attention, gather_tokens, policy_softmax
+from ..ops import attention_matrix, attention_probs, class_attention, gather_tokens, policy_softmax, sum_tokens
 from ..state import TokenState
 from .base import HOOK, AttentionExtras, BlockHook, TokenFamily, attach, block_hook, slot, swap_class
 
 
 def attention_extras(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None,
-                     needs: frozenset[str]) -> AttentionExtras:
-    """The :class:`AttentionExtras` fields named in ``needs`` from per-head ``q``, ``k``, ``v`` ``(B, H, N, D)``."""
+                     needs: frozenset[str], probs: Tensor | None = None) -> AttentionExtras:
+    """The :class:`AttentionExtras` fields named in ``needs`` from per-head ``q``, ``k``, ``v`` ``(B, H, N, D)``
+    (and the attention probabilities ``probs`` ``(B, H, N, N)`` when the attention computed them)."""
     B, _, N, _ = v.shape
     return AttentionExtras(
+        received=probs.mean(dim=(1, 2)) if probs is not None and "received" in needs else None,
         cls_attn=class_attention(q, k, scale, bias) if "cls_attn" in needs else None,
         mean_attn=class_attention(q, k, scale, bias, query="mean") if "mean_attn" in needs else None,
         keys=k.mean(dim=1) if "keys" in needs else None,
         value_norm=v.transpose(1, 2).reshape(B, N, -1).norm(dim=-1) if "value_norm" in needs else None,
         attention=attention_matrix(q, k, scale, bias) if "attention" in needs else None,
     )
+
+
+def heads(t: Tensor, num_heads: int) -> Tensor:
+    """``(B, N, H * D)`` to ``(B, H, N, D)``."""
+    B, N, _ = t.shape
+    return t.view(B, N, num_heads, -1).transpose(1, 2)
+
+
+def attend_ahead(x: Tensor, norm: nn.Module, qk: Callable[[Tensor], tuple[Tensor, Tensor]],
+                 values: Callable[[Tensor], Tensor], scale: float, bias: Tensor | None, hook: BlockHook,
+                 state: TokenState, block: int, dropout: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """One-step-ahead attention (:attr:`BlockHook.merges_ahead`) on the block input ``x`` ``(B, N, C)``.
+
+    ``qk(h)`` gives per-head queries and keys ``(B, H, N, D)`` of the normed tokens ``h``,
+    ``values(h)`` their values ``(B, N, H * D)``. The probabilities on the unmerged tokens decide
+    the merge (``hook.merge_ahead``); each merged token's output is its group's weighted average
+    of rows applied to the values of the merged tokens (the attention to a merged key being the
+    sum over its members). Returns the attention output before the output projection ``(B, N', H * D)``
+    and the merged tokens ``(B, N', C)``.
+    """
+    q, k = qk(norm(x))
+    probs = attention_probs(q, k, scale, bias)
+    merge = hook.merge_ahead(x, probs, state, block)
+    H = q.shape[1]
+    if merge is None:
+        out = dropout(probs) @ heads(values(norm(x)), H)
+        return out.transpose(1, 2).flatten(2), x
+    v = gather_tokens(values(norm(merge.x)), merge.assign)
+    out = (dropout(probs) @ heads(v, H)).transpose(1, 2).flatten(2)
+    return sum_tokens(out * merge.weights.to(out.dtype), merge.assign, merge.x.shape[1]), merge.x
 
 
 class TokenAttention(Attention):
@@ -52,9 +84,13 @@ class TokenAttention(Attention):
         gate = self.gate(x).sigmoid() if getattr(self, "gate", None) is not None else None
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
+        probs = None
         if keep is not None:
             weights = policy_softmax((q * self.scale) @ k.transpose(-2, -1), keep)
             out = self.attn_drop(weights).to(v.dtype) @ v
+        elif "received" in needs:
+            probs = attention_probs(q, k, self.scale, bias)
+            out = self.attn_drop(probs) @ v
         elif self.fused_attn:
             mask = None if bias is None else bias.to(q.dtype)
             out = F.scaled_dot_product_attention(
@@ -69,7 +105,29 @@ class TokenAttention(Attention):
         if gate is not None:
             out = out * gate
         out = self.proj_drop(self.proj(out))
-        return out, attention_extras(q, k, v, self.scale, bias, needs)
+        return out, attention_extras(q, k, v, self.scale, bias, needs, probs)
+
+    def forward_ahead(self, x: Tensor, norm: nn.Module, bias: Tensor | None, hook: BlockHook, state: TokenState,
+                      block: int) -> tuple[Tensor, Tensor]:
+        """One-step-ahead attention on the block input ``x`` (:func:`attend_ahead`): the attention
+        output ``(B, N', C)`` and the merged tokens. Queries and keys come from the unmerged tokens,
+        values from the merged ones (the qkv projection split, as the MCTF authors' code)."""
+        w, b = self.qkv.weight, self.qkv.bias
+        width = self.num_heads * self.head_dim
+
+        def qk(h: Tensor) -> tuple[Tensor, Tensor]:
+            t = F.linear(h, w[:2 * width], None if b is None else b[:2 * width])
+            q, k = t.view(h.shape[0], h.shape[1], 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.q_norm(q), self.k_norm(k)
+
+        def values(h: Tensor) -> Tensor:
+            return F.linear(h, w[2 * width:], None if b is None else b[2 * width:])
+
+        out, x = attend_ahead(x, norm, qk, values, self.scale, bias, hook, state, block, self.attn_drop)
+        out = self.norm(out)
+        if getattr(self, "gate", None) is not None:
+            out = out * self.gate(norm(x)).sigmoid()
+        return self.proj_drop(self.proj(out)), x
 
 
 class TokenBlock(Block):
@@ -87,7 +145,11 @@ class TokenBlock(Block):
             x = x + self.drop_path1(self.ls1(y))
             return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         x = hook.before(x, state, s.index)
-        y, extras = self.attn.forward_tokens(self.norm1(x), state.attn_bias(), state.attn_policy(), hook.needs)
+        if hook.merges_ahead:
+            y, x = self.attn.forward_ahead(x, self.norm1, state.attn_bias(), hook, state, s.index)
+            extras = AttentionExtras()
+        else:
+            y, extras = self.attn.forward_tokens(self.norm1(x), state.attn_bias(), state.attn_policy(), hook.needs)
         x = x + self.drop_path1(self.ls1(y))
         x = hook.after_attn(x, extras, state, s.index)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -236,6 +298,7 @@ class ViTFamily(TokenFamily):
     name: ClassVar[str] = "vit"
     description: ClassVar[str] = "timm VisionTransformer (ViT, DeiT, distilled DeiT, AugReg, register-token ViTs)"
     pools: ClassVar[tuple[str, ...]] = ("model", "mean")
+    merges_ahead: ClassVar[bool] = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -305,6 +368,7 @@ __all__ = [
     "TokenBlock",
     "TokenVisionTransformer",
     "ViTFamily",
+    "attend_ahead",
     "attention_extras",
     "block_hook",
     "checkpointing_error",

@@ -10,12 +10,13 @@ from ..families import FAMILIES
 from .base import Method, OptionInfo
 from .dynamicvit import DynamicViT
 from .evovit import EvoViT
+from .mctf import MCTF
 from .mix import Mix
 from .ppt import PPT
 from .tome import ToMe
 from .topk import EViT, TopK
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe, PPT, EvoViT, DynamicViT, Mix)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe, MCTF, PPT, EvoViT, DynamicViT, Mix)}
 Mix.registry = REGISTRY
 
 

@@ -1,6 +1,7 @@
 """Small pure tensor functions every method is built from: score, select, merge, gather."""
 from .attention import (
     attention_matrix,
+    attention_probs,
     attention_rollout,
     class_attention,
     gather_bias,
@@ -8,6 +9,7 @@ from .attention import (
     policy_softmax,
     size_bias,
 )
+from .mctf import group_weights, mctf_assignment, mctf_scores, sum_tokens
 from .merge import MergePlan, bipartite_soft_matching, merge_assignment, merge_tokens
 from .select import (
     add_tokens_,
@@ -25,13 +27,17 @@ __all__ = [
                      "MergePlan",
                      "add_tokens_",
                      "attention_matrix",
+                     "attention_probs",
                      "attention_rollout",
                      "bipartite_soft_matching",
                      "class_attention",
                      "fuse_tokens",
                      "gather_bias",
                      "gather_tokens",
+                     "group_weights",
                      "keep_assignment",
+                     "mctf_assignment",
+                     "mctf_scores",
                      "merge_assignment",
                      "merge_tokens",
                      "pad_bias",
@@ -40,6 +46,7 @@ __all__ = [
                      "scatter_tokens",
                      "size_bias",
                      "split_topk",
+                     "sum_tokens",
                      "topk_indices",
                      "with_prefix",
 ]

@@ -45,6 +45,16 @@ def attention_matrix(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = N
     return logits.softmax(dim=-1).mean(dim=1)
 
 
+def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = None) -> Tensor:
+    """Per-head attention probabilities ``(B, H, M, N)`` from ``q`` ``(B, H, M, D)``, ``k`` ``(B, H, N, D)``
+    and an optional logit bias, softmax in fp32, cast back to ``q``'s dtype (for methods that need
+    what every token receives, MCTF: computed only in the blocks that reduce)."""
+    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.float()
+    return logits.softmax(dim=-1).to(q.dtype)
+
+
 def attention_rollout(matrices: list[Tensor], residual: float = 0.5) -> Tensor:
     """Attention rollout (Abnar and Zuidema, 2020) through consecutive blocks: the product of
     ``residual * I + (1 - residual) * A`` over the head-averaged attention matrices ``A`` ``(B, N, N)``,
