@@ -20,7 +20,21 @@ from tokensparse.cli import main
 from tokensparse.measure import gmacs
 from tokensparse.measure.flops import attention_flop_mapping
 from tokensparse.spec import parse_spec
-from tokensparse.tune import TUNABLE, CostModel, EvoViTKnob, MixKnob, PPTKnob, ToMeKnob, TopKKnob, probe, refines, tune
+from tokensparse.tune import (
+    TUNABLE,
+    Candidate,
+    CostModel,
+    EvoViTKnob,
+    MCTFKnob,
+    MixKnob,
+    PPTKnob,
+    ToMeKnob,
+    TopKKnob,
+    beyond_noise,
+    probe,
+    refines,
+    tune,
+)
 
 SMALL = {"img_size": 64, "patch_size": 8, "depth": 6, "embed_dim": 64, "num_heads": 2, "num_classes": 10}
 
@@ -44,7 +58,7 @@ def photos(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- schedules as specs
 
-@pytest.mark.parametrize("knob", [ToMeKnob, TopKKnob, PPTKnob, EvoViTKnob, MixKnob])
+@pytest.mark.parametrize("knob", [ToMeKnob, MCTFKnob, TopKKnob, PPTKnob, EvoViTKnob, MixKnob])
 def test_every_schedule_is_a_spec_the_method_runs_as_written(knob):
     """A knob's values become a spec whose probe pass removes exactly those tokens where they say."""
     model = small_vit()
@@ -55,6 +69,10 @@ def test_every_schedule_is_a_spec_the_method_runs_as_written(knob):
     sched = probe(model, family, (3, 64, 64), count=False)
     if knob is EvoViTKnob:  # stages start at blocks 2, 3, 4 and run on the informative tokens + a representative
         assert sched.attention == [65, 65, 1 + 55 + 1, 57, 57, 57]  # the last stage lasts to the end
+    elif knob is MCTFKnob:  # MCTF (default: merging after the block): the next block sees fewer
+        for loc, v in values.items():
+            assert sched.mlp[loc] - sched.attention[loc + 1] == v
+        assert sched.reductions == len(values)
     else:  # tokens leave after a location's attention: its MLP and every later block see fewer
         for loc, v in values.items():
             assert sched.attention[loc] - sched.mlp[loc] == v
@@ -64,6 +82,10 @@ def test_every_schedule_is_a_spec_the_method_runs_as_written(knob):
 def test_fill_respects_each_methods_limits_and_the_cut():
     tome, topk = ToMeKnob(6, 64, 1), TopKKnob(6, 64, 1)
     assert tome.fill({0: 1.0, 1: 1.0}, 1000, cut=False) == {0: 32, 1: 16}  # at most half per block
+    mctf = MCTFKnob(6, 64, 1)
+    assert mctf.positions()[0] == 1 and mctf.fill({1: 1.0, 2: 1.0}, 1000, cut=False) == {1: 32, 2: 16}
+    assert MCTFKnob(6, 16, 1).fill({1: 1.0, 2: 1.0}, 1000, cut=False) == {1: 7}  # ten tokens stay (the authors')
+    assert parse_spec(mctf.spec({1: 5, 3: 4})) == ("mctf", {"r": [0, 5, 0, 4]})
     assert topk.fill({1: 1.0, 2: 1.0}, 1000, cut=True) == {1: 63}  # one token always stays
     assert topk.fill({1: 1.0}, 10, cut=True) == {1: 10, 5: 53}  # the cut removes all it can at the last block
     assert parse_spec(topk.spec({1: 10, 5: 53})) == ("topk", {"locations": [1, 5], "tokens": [54, 1]})
@@ -92,6 +114,32 @@ def test_a_refinement_step_is_kept_only_when_both_halves_of_the_screening_images
     assert refines(point(0.09, (0.11, 0.07)), old)
     assert not refines(point(0.09, (0.06, 0.12)), old)  # lower on average, worse on the odd half
     assert not refines(point(0.098, (0.117, 0.079)), old)  # lower on both, but by less than 3%
+
+
+def test_the_choice_is_a_default_unless_a_schedule_beats_it_beyond_the_noise():
+    """Selection by the kept log-probability (mean log-probability of the unreduced top-1): a
+    searched schedule better on average but within the noise of the selection images does not
+    replace the best hand-set default; one better by more than two standard errors does."""
+    g = torch.Generator().manual_seed(0)
+    base = -torch.rand(100, generator=g)
+    noise = torch.randn(100, generator=g) * 0.05
+
+    def row(spec, role, kept, kl=0.1, speedup=2.0):
+        return Candidate(spec, parse_spec(spec)[0], role, speedup=speedup, select_logp=kept.mean().item(),
+                         select_kl=kl)
+    within, beyond = base + 0.005 + noise, base + 0.03 + noise
+    assert not beyond_noise(within, base) and beyond_noise(beyond, base)
+    rows = [Candidate("none", "none", "unreduced", speedup=1.0), row("tome", "default", base),
+            row("ppt", "default", base - 0.5), row("evit", "default", base + 1.0, speedup=1.5),  # too slow
+            row("tome:r=[0,9]", "finalist", within)]
+    kept = {r.spec: k for r, k in zip(rows[1:], (base, base - 0.5, base + 1.0, within))}
+    choice, met = tune_module._choose(rows, "speedup", 1.8, kept)
+    assert met and choice.spec == "tome"
+    rows.append(row("tome:r=[0,8]", "path", beyond))
+    kept["tome:r=[0,8]"] = beyond
+    assert tune_module._choose(rows, "speedup", 1.8, kept)[0].spec == "tome:r=[0,8]"
+    tie = [rows[0], row("tome", "default", base, kl=0.2), row("ppt", "default", base, kl=0.1)]
+    assert tune_module._choose(tie, "speedup", 1.8, {"tome": base, "ppt": base})[0].spec == "ppt"  # KL breaks ties
 
 
 def test_cost_model_fits_the_block_timings_and_scales_to_the_model():
@@ -160,8 +208,9 @@ def test_speedup_target_is_met_under_a_noise_free_clock(photos, macs_clock, targ
         assert result.target == pytest.approx(next(r.speedup for r in result.rows if r.spec == target))
     assert result.target > 1.1 and result.met_target, measured
     assert result.choice.speedup >= result.target and result.choice.role == "chosen"
-    assert result.choice.select_kl == min(r.select_kl for r in result.rows
-                                          if r.role != "unreduced" and r.speedup >= result.target)
+    meeting = [r for r in result.rows if r.role not in ("unreduced", "chosen") and r.speedup >= result.target]
+    # the choice is the best default meeting the target, or a schedule beating it beyond noise
+    assert all(result.choice.select_logp >= r.select_logp for r in meeting if r.role == "default")
     for r in result.rows:
         if r.predicted_speedup is not None:  # the cost model is exact up to the methods' own overheads
             assert r.speedup == pytest.approx(r.predicted_speedup, rel=0.03), measured

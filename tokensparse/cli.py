@@ -36,7 +36,7 @@ from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
 from .train.calibrate import IMITATION_TARGETS, CalibrateConfig, calibrate_dynamicvit, check_output_file, method_plan
 from .train.config import LearningConfig
 from .train.finetune import CHECKPOINT, PREDICTORS, TrainConfig, finetune_dynamicvit
-from .tune import TUNABLE, check_target, plot_tune, tune, write_tune_csv
+from .tune import SEARCH_IMAGES, TUNABLE, check_target, plot_tune, tune, write_tune_csv
 from .utils import atomic_write, check_writable_folder, resolve_device
 from .viz import figure_path, token_maps
 
@@ -670,8 +670,9 @@ def add_tune_parser(subparsers: Any) -> None:
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--budget", type=float, default=10.0, metavar="MINUTES",
                    help="minutes for the whole run (default: %(default)s)")
-    p.add_argument("--search-images", type=positive_int, default=256, metavar="N",
-                   help="even positions searched on (default: %(default)s)")
+    p.add_argument("--search-images", type=positive_int, default=SEARCH_IMAGES, metavar="N",
+                   help="even positions searched on: the first half (at most 128) screens, the rest selects "
+                        "(default: %(default)s)")
     p.add_argument("--runs", type=positive_int, default=8, metavar="N",
                    help="timed rounds of the interleaved timings (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",

@@ -34,8 +34,11 @@ speed-up:
 5. *Finalists*: the best schedules, two points of the best shape on the way to the target
    (the front) and the hand-set defaults are timed for real against the unreduced model,
    interleaved in one run (a close call to the target: three times, the median counts), and
-   evaluated on the selection and held-out images. The choice is the finalist with the lowest
-   selection KL whose measured speed-up meets the target.
+   evaluated on the selection and held-out images. Among the rows whose measured speed-up
+   meets the target, the choice is the hand-set default with the highest mean log-probability
+   of the unreduced model's top-1 class on the selection images (a statistic that tracks
+   changed predictions; KL breaks ties), unless a searched schedule beats it there by more than
+   two standard errors of the per-image differences: then the best such schedule.
 
 The time budget covers the whole run: the search stops early to leave time for the
 finalists, and a budget too small to reach the target still returns the best schedule
@@ -60,12 +63,13 @@ from .api import is_patched, patch, token_state, unpatch
 from .data import UNLABELLED, image_dataset, input_size
 from .errors import TokenSparseError
 from .families import TokenFamily, get_family
-from .measure import BASELINE, build_variants, fidelity, gmacs, timed_runs
+from .measure import BASELINE, build_variants, fidelity, gmacs, kept_logprob, timed_runs
 from .measure._common import measurement_device, resolve_dtype, synchronize
 from .measure.speed import num_threads
 from .methods import get_method
 from .methods.base import default_locations
 from .methods.evovit import default_stages
+from .methods.mctf import MIN_TOKENS as MCTF_MIN_TOKENS
 from .spec import format_spec, parse_spec
 from .utils import eval_mode, output_logits, positive_int, progress_bar, write_rows_csv
 from .viz import save_figure
@@ -170,6 +174,7 @@ def _profile(locs: list[int], profile: str) -> dict[int, float]:
 
 
 class ToMeKnob(Knob):
+    """ToMe: ``values[block]`` tokens merged in that block (``r`` per block)."""
     method = "tome"
     first = 0
     steps = (1,)
@@ -178,10 +183,25 @@ class ToMeKnob(Knob):
         r = [values.get(b, 0) for b in range(self.depth)]
         while len(r) > 1 and r[-1] == 0:
             r.pop()
-        return format_spec("tome", {"r": r})
+        return format_spec(self.method, {"r": r})
 
     def limit(self, values: dict[int, int], loc: int) -> int:
         return self._before(values, loc) // 2  # ToMe merges at most half of the patch tokens per block
+
+
+class MCTFKnob(ToMeKnob):
+    """MCTF: as ToMe, from block 1 (the authors' setting), leaving at least ten tokens (theirs). No
+    cut: at its default MCTF merges after the block, which saves nothing in the last one."""
+    method = "mctf"
+    first = 1
+
+    @property
+    def cut(self) -> int | None:
+        return None
+
+    def limit(self, values: dict[int, int], loc: int) -> int:
+        before = self._before(values, loc)
+        return max(0, min(before // 2, before + self.num_prefix - MCTF_MIN_TOKENS))
 
 
 class TopKKnob(Knob):
@@ -302,7 +322,8 @@ def _rate_for(kept: int, n: int) -> float:
     return min(1.0, math.ceil(kept / n * 1e4) / 1e4)
 
 
-TUNABLE: dict[str, type[Knob]] = {k.method: k for k in (ToMeKnob, TopKKnob, EViTKnob, PPTKnob, EvoViTKnob, MixKnob)}
+TUNABLE: dict[str, type[Knob]] = {k.method: k for k in (ToMeKnob, MCTFKnob, TopKKnob, EViTKnob, PPTKnob, EvoViTKnob,
+                                                         MixKnob)}
 """Methods :func:`tune` searches, with their schedules."""
 
 
@@ -314,8 +335,9 @@ class Candidate:
 
     ``predicted_speedup`` from the cost model (searched rows); ``speedup`` measured in the
     final interleaved timing; ``search_*`` on the screening images (searched rows),
-    ``select_*`` on the selection images (what the choice is made on), ``agreement`` / ``kl``
-    / ``top1`` on the held-out images (what is reported). ``role``: ``unreduced``,
+    ``select_*`` on the selection images (``select_logp``, the mean log-probability of the
+    unreduced model's top-1 class, is what the choice is made on), ``agreement`` / ``kl`` /
+    ``top1`` on the held-out images (what is reported). ``role``: ``unreduced``,
     ``default`` (a method's hand-set default), ``path`` (the best shape on the way to the
     target: the front), ``finalist`` (a searched schedule at the target) or ``chosen``.
     ``pareto``: no other row is both faster (or fewer GMACs) and lower in held-out KL.
@@ -332,6 +354,7 @@ class Candidate:
     search_kl: float | None = None
     select_agreement: float | None = None
     select_kl: float | None = None
+    select_logp: float | None = None
     agreement: float | None = None
     kl: float | None = None
     top1: float | None = None
@@ -429,7 +452,9 @@ def probe(model: nn.Module, family: TokenFamily, size: Sequence[int], count: boo
     for i in range(len(family.blocks)):
         for j, module in enumerate(family.token_probes(i)):
             def hook(_m: nn.Module, args: tuple, i: int = i, j: int = j) -> None:
-                counts[i, j] = int(args[0].shape[1])
+                # the first call: a block that merges inside its attention (MCTF) normalises its
+                # input, then the merged tokens for their values
+                counts.setdefault((i, j), int(args[0].shape[1]))
             handles.append(module.register_forward_pre_hook(hook))
     try:
         if count:
@@ -680,10 +705,13 @@ def check_target(speedup: float | str | None, gmacs_target: float | None) -> tup
     return "speedup", float(speedup)
 
 
-SEARCH_IMAGES = 256
-"""The most even positions used: the first half screens schedules, the second half selects among
-the finalists (so the choice is not made on the images the screening fitted); every odd position
-is held out for the reported numbers."""
+SEARCH_IMAGES = 1024
+"""The most even positions used: the first half, at most :data:`SCREEN_IMAGES`, screens schedules,
+the rest selects among the finalists (so the choice is not made on the images the screening
+fitted, and on as many images as there are: its noise guard needs them); every odd position is
+held out for the reported numbers."""
+SCREEN_IMAGES = 128
+"""The most images a schedule is screened on (each of about a hundred schedules runs on them)."""
 
 
 @dataclass
@@ -717,7 +745,8 @@ def _setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids: str
     size = input_size(model)
     x, labels = _load_images(images, model, wnids, limit)
     even, held_x = x[0::2][:search_images], x[1::2]
-    screen_x, select_x = even[:(len(even) + 1) // 2], even[(len(even) + 1) // 2:]
+    screened = min((len(even) + 1) // 2, SCREEN_IMAGES)
+    screen_x, select_x = even[:screened], even[screened:]
     if len(select_x) == 0:
         raise TokenSparseError(f"tune needs at least 4 images (to search, select and hold out), found {len(x)}")
     with progress_bar("tune: setup", 4, progress) as advance:
@@ -813,8 +842,8 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
     ``speedup``: a number > 1, or a method spec whose speed-up, measured in this run, is the
     target (``"tome:r=13"``: as fast as ToMe at its default). ``images``: any image folder
     (``wnids`` adds top-1 on the held-out images): the first ``search_images`` even positions
-    are searched on (half screen, half select), every odd position is held out. ``budget``:
-    minutes for the whole run. ``runs``: timed rounds of the setup's and the final interleaved
+    are searched on (the first half, at most 128, screen; the rest select), every odd position is
+    held out. ``budget``: minutes for the whole run. ``runs``: timed rounds of the setup's and the final interleaved
     timing. The model is returned unpatched, in eval mode.
     """
     t0 = time.perf_counter()
@@ -840,9 +869,9 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
         setup = _setup(model, family, images, wnids, limit, positive_int(search_images, "search_images"), names,
                        kind, target_spec, batch_size, threads, dev, dtype, runs, progress)
         # leave time for the finalists: each is timed (runs + 1 passes) and run over the held-out images
-        held_passes = setup.held.size / batch_size
+        eval_passes = (setup.held.size + setup.select.size) / batch_size
         rows = len(setup.defaults) + FINALIST_METHODS + REFINED_METHODS + len(FRONT_LEVELS) + 1
-        finish_s = rows * (runs + 1 + held_passes) * setup.cost.total * 0.8
+        finish_s = rows * (runs + 1 + eval_passes) * setup.cost.total * 0.8
         if kind == "speedup":  # close calls timed again: about half the rows, with the unreduced model
             finish_s += (CLOSE_TIMINGS - 1) * (rows // 2 + 1) * (runs + 1) * setup.cost.total * 0.8
         deadline = t0 + budget * 60 - min(finish_s, 0.5 * budget * 60)
@@ -856,13 +885,13 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
         counts = Counter(p.method for p in search.seen.values())
         search_s = time.perf_counter() - search_start
         rows = _finalists(best, setup.defaults, setup.cost)
-        _measure_finalists(model, rows, setup, batch_size, threads, dev, dtype, runs, progress)
+        kept = _measure_finalists(model, rows, setup, batch_size, threads, dev, dtype, runs, progress)
     target = setup.target
     notes = [f"schedules evaluated: {', '.join(f'{n} {counts[n]}' for n in names)}"]
     if setup.target_row is not None:
         target = next(r for r in rows if r.spec == setup.target_row).speedup
         notes.append(f"target: {target_spec} measured {target:.2f}x in the final timing")
-    choice, met = _choose(rows, kind, target)
+    choice, met = _choose(rows, kind, target, kept)
     choice.role = "chosen"
     if not met:
         notes.append("no schedule met the target in the final timing: the choice is the closest one found "
@@ -930,11 +959,14 @@ def _finalists(points: list[tuple[_Point, str]], defaults: dict[str, str], cost:
 
 
 def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, batch_size: int,
-                       threads: int | None, device: torch.device, dtype: str, runs: int, progress: bool) -> None:
-    """Every row's GMACs, fidelity on all search images and on the held-out ones, and its speed-up
+                       threads: int | None, device: torch.device, dtype: str, runs: int,
+                       progress: bool) -> dict[str, Tensor]:
+    """Every row's GMACs, fidelity on the selection images and on the held-out ones, and its speed-up
     timed for real, interleaved with the unreduced model in one run. Rows within :data:`CLOSE`
     of a speed-up target (and the target's row) are timed twice more, interleaved again: their
-    speed-up is the median of the three."""
+    speed-up is the median of the three. Returns each reduced row's per-image
+    :func:`~tokensparse.measure.kept_logprob` on the selection images."""
+    kept: dict[str, Tensor] = {}
     with progress_bar("tune: finalists", len(rows) + 1, progress) as advance:
         for r in rows:
             if r.spec == BASELINE:
@@ -943,7 +975,10 @@ def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, b
             else:
                 patch(model, r.spec)
                 r.gmacs = probe(model, setup.family, setup.size).gmacs
-                r.select_agreement, r.select_kl = fidelity(setup.select.logits(), setup.select_reference)
+                selected = setup.select.logits()
+                r.select_agreement, r.select_kl = fidelity(selected, setup.select_reference)
+                kept[r.spec] = kept_logprob(selected, setup.select_reference)
+                r.select_logp = kept[r.spec].mean().item()
                 logits = setup.held.logits()
                 unpatch(model)
             r.agreement, r.kl = fidelity(logits, setup.held_reference)
@@ -963,6 +998,7 @@ def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, b
     for r in rows:
         r.speedup, r.timings = statistics.median(speedups[r.spec]), len(speedups[r.spec])
     rows.sort(key=lambda r: r.speedup)
+    return kept
 
 
 CLOSE = 0.05
@@ -998,12 +1034,42 @@ def _meets(r: Candidate, kind: str, target: float) -> bool:
     return (r.speedup or 0) >= target if kind == "speedup" else (r.gmacs or math.inf) <= target + 1e-9
 
 
-def _choose(rows: list[Candidate], kind: str, target: float) -> tuple[Candidate, bool]:
-    """The lowest selection KL among reduced rows meeting the target; else the row closest to it."""
+NOISE_Z = 2.0
+"""A searched schedule is preferred to the best hand-set default only when its mean kept
+log-probability on the selection images is higher by more than this many standard errors of
+the per-image differences (paired: the same images)."""
+
+
+def _rank(r: Candidate) -> tuple[float, float]:
+    """How a row ranks on the selection images: kept log-probability, KL breaking ties."""
+    return (r.select_logp, -r.select_kl)
+
+
+def beyond_noise(new: Tensor, old: Tensor, z: float = NOISE_Z) -> bool:
+    """Whether per-image scores ``new`` beat ``old`` (the same images) by more than ``z`` standard
+    errors of their paired differences."""
+    d = (new - old).double()
+    if d.numel() < 2:
+        return False
+    se = d.std().item() / math.sqrt(d.numel())
+    return d.mean().item() > z * se
+
+
+def _choose(rows: list[Candidate], kind: str, target: float,
+            kept: dict[str, Tensor] | None = None) -> tuple[Candidate, bool]:
+    """Among reduced rows meeting the target, the best hand-set default by the selection images'
+    kept log-probability, unless a searched schedule beats it by more than their noise
+    (:func:`beyond_noise`): then the best such schedule. Without such rows, the row closest to
+    the target."""
     reduced = [r for r in rows if r.role != "unreduced"]
     ok = [r for r in reduced if _meets(r, kind, target)]
     if ok:
-        return min(ok, key=lambda r: r.select_kl), True
+        defaults = [r for r in ok if r.role == "default"]
+        if not defaults or kept is None:
+            return max(ok, key=_rank), True
+        incumbent = max(defaults, key=_rank)
+        beating = [r for r in ok if r.role != "default" and beyond_noise(kept[r.spec], kept[incumbent.spec])]
+        return max([incumbent, *beating], key=_rank), True
     if kind == "speedup":
         return max(reduced, key=lambda r: r.speedup or 0), False
     return min(reduced, key=lambda r: r.gmacs or math.inf), False

@@ -121,6 +121,14 @@ def fidelity(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, floa
     return agreement, kl
 
 
+def kept_logprob(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """``(n,)`` per image: the log-probability ``logits`` give the reference's top-1 class. Its mean
+    tracks changed predictions (a prediction changes when this falls below another class's), where
+    KL weighs the whole distribution: :func:`tokensparse.tune.tune` chooses by it."""
+    top1 = reference.argmax(-1, keepdim=True)
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, top1).squeeze(1)
+
+
 def evaluate_many(models: Mapping[str, nn.Module], images_dir: str | Path,
                   wnids_file: str | Path | None = None, reference_key: str | None = None,
                   batch_size: int = 32, num_workers: int = 0,
