@@ -105,3 +105,25 @@ record swin_speed tokensparse bench --model swin_tiny_patch4_window7_224 --batch
   --method dynamicvit:rho=0.7 --json "$OUT/swin_speed.json"
 record convnext_calibrate python benchmarks/spatial_calibrate.py --model convnext_tiny
 record swin_calibrate python benchmarks/spatial_calibrate.py --model swin_tiny_patch4_window7_224
+
+# MCTF (issue 26). Speed against ToMe at the same per-block r (r=16 in blocks 1-11), three runs each
+R16="[0,16,16,16,16,16,16,16,16,16,16,16]"
+for run in 1 2 3; do
+  record "mctf_speed_vit_tiny_run$run" tokensparse bench --model vit_tiny_patch16_224 --batch-size 64 --threads 2 \
+    --runs 10 --method "tome:r=$R16" --method mctf:r=16,one_step_ahead=true --method mctf:r=16,one_step_ahead=false \
+    --json "$OUT/mctf_speed_vit_tiny_run$run.json"
+  record "mctf_speed_deit_small_run$run" tokensparse bench --model deit_small_patch16_224 --batch-size 32 --threads 2 \
+    --runs 10 --method "tome:r=$R16" --method mctf:r=16,one_step_ahead=true --method mctf:r=16,one_step_ahead=false \
+    --json "$OUT/mctf_speed_deit_small_run$run.json"
+done
+# fidelity to the authors' code: needs their logits, made outside this repository (see mctf_fidelity.txt)
+if [ -n "${MCTF_REFERENCE:-}" ]; then
+  record mctf_fidelity python benchmarks/mctf_fidelity.py "none=$MCTF_REFERENCE/ref_r0.pt" \
+    "mctf:r=16,one_step_ahead=true=$MCTF_REFERENCE/ref_r16_osa1.pt" \
+    "mctf:r=16,one_step_ahead=false=$MCTF_REFERENCE/ref_r16_osa0.pt"
+fi
+# faithfulness at equal GMACs (about 0.73-0.75 and 0.78-0.80), both forms of MCTF, and tune's choices
+T14="[0,14,14,14,14,14,14,14,14,14,14,14]"
+record mctf_faithfulness python benchmarks/fidelity_table.py none tome:r=13 "tome:r=$T14" ppt \
+  mctf:r=16,one_step_ahead=true mctf:r=15,one_step_ahead=true mctf:r=14,one_step_ahead=true \
+  mctf:r=16,one_step_ahead=false mctf:r=17,one_step_ahead=false mctf:r=18,one_step_ahead=false

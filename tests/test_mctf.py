@@ -11,6 +11,7 @@ import copy
 import pytest
 import timm
 import torch
+from PIL import Image
 
 import tokensparse
 from tokensparse import TokenSparseError
@@ -19,6 +20,7 @@ from tokensparse.families.vit import attend_ahead
 from tokensparse.methods.mctf import MCTFReducer, default_r, mctf_schedule
 from tokensparse.ops import group_weights, mctf_assignment, mctf_scores, sum_tokens
 from tokensparse.state import TokenState
+from tokensparse.viz import token_maps
 
 SMALL = {"img_size": 64, "patch_size": 8, "depth": 4, "embed_dim": 48, "num_heads": 3, "num_classes": 10}
 
@@ -249,6 +251,14 @@ def test_models_without_a_class_token_and_with_registers():
             assert model(x).shape == ref.shape
         P = model.num_prefix_tokens
         assert all(r.num_prefix == P for r in tokensparse.location_records(model))
+
+
+def test_token_maps_of_merged_groups(tmp_path):
+    photo = tmp_path / "photo.png"
+    Image.fromarray((torch.rand(64, 64, 3) * 255).to(torch.uint8).numpy()).save(photo)
+    fig = token_maps(small_vit(), ["mctf:r=8", "mctf:r=8,one_step_ahead=true"], photo, out=tmp_path / "maps.png")
+    assert len(fig.axes) == 2 * (1 + 3)  # blocks 1-3 merge
+    assert (tmp_path / "maps.png").stat().st_size > 0
 
 
 def test_full_grid_intermediates():

@@ -27,6 +27,7 @@ GRIDS: dict[str, tuple[str, tuple[Any, ...]]] = {
     "topk": ("keep_rate", (0.5, 0.6, 0.7, 0.8, 0.9)),
     "evit": ("keep_rate", (0.5, 0.6, 0.7, 0.8, 0.9)),
     "tome": ("r", (4, 8, 12, 16)),
+    "mctf": ("r", (8, 12, 16, 20)),
     "ppt": ("r", (15, 30, 45, 60)),
     "evovit": ("keep_rate", (0.3, 0.5, 0.7, 0.9)),
     "dynamicvit": ("rho", (0.5, 0.6, 0.7, 0.8, 0.9)),
