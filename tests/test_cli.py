@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from tokensparse.cli import main
 
 VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
-JSON_KEYS = {"method", "gmacs", "img_per_s", "latency_ms", "compile_s", "speedup", "top1", "top5", "agreement", "speedup_low",
-             "speedup_high", "random_predictors", "eager_speedup", "eager_latency_ms"}
+JSON_KEYS = {"method", "gmacs", "img_per_s", "latency_ms", "compile_s", "speedup", "top1", "top5", "agreement", "cosine",
+             "speedup_low", "speedup_high", "random_predictors", "eager_speedup", "eager_latency_ms"}
 FAST = ["bench", "--model", "vit_tiny_patch16_224", "--batch-size", "2", "--runs", "1",
         "--warmup", "0"]
 

@@ -142,8 +142,9 @@ def test_every_class_has_a_family_and_is_listed(built):
         assert family.depth == 4 and family.width() == 32 and family.num_positions() == (SIZE // PATCH) ** 2
     assert {f.name for f in HF_FAMILIES} <= {f.name for f in FAMILIES}
     listing = {m.name: m.families for m in tokensparse.list_methods()}
-    for method in METHODS:
-        assert {"hf-vit", "hf-dinov2", "hf-clip", "hf-siglip"} <= set(listing[method])
+    for method in METHODS:  # SigLIP has no class token: only the methods that need none list it
+        assert {"hf-vit", "hf-dinov2", "hf-clip"} <= set(listing[method])
+        assert ("hf-siglip" in listing[method]) == (method not in CLASS_TOKEN_METHODS)
 
 
 @pytest.mark.parametrize("spec", EXACT)

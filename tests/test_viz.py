@@ -20,7 +20,7 @@ from tokensparse.viz import DIM_FACTOR, DPI, token_map, token_maps
 
 VIT_TINY = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 CSV_COLUMNS = ["method", "spec", "knob", "value", "gmacs", "img_per_s", "speedup", "top1",
-               "top5", "agreement"]
+               "top5", "agreement", "cosine"]
 
 
 @pytest.fixture(scope="module")

@@ -30,8 +30,10 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     instance = cls(**{**spec_options, **options})
     family = get_family(model)
     if not cls.supports_family(type(family)):
+        why = " (it needs a class token, and they have no class token)" \
+            if getattr(family, "class_token_models", None) is False else ""
         raise TokenSparseError(
-            f"method '{name}' does not support {family.name} models; it supports: "
+            f"method '{name}' does not support {family.name} models{why}; it supports: "
             f"{', '.join(supported_families(cls))}")
     install = instance.prepare(model, family)  # may raise: the model is untouched so far
     if is_patched(model):
@@ -53,6 +55,8 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def patched_method(model: nn.Module) -> Method | None:
     """The method instance installed on ``model`` (its ``name`` and ``config``), or None."""
+    if not isinstance(model, nn.Module):
+        return None
     s = slot(model)
     return None if s is None else s.config.get("method")
 
@@ -64,6 +68,8 @@ def is_patched(model: nn.Module) -> bool:
 
 def token_state(model: nn.Module) -> TokenState:
     """The :class:`~tokensparse.state.TokenState` of a patched model (its last pass's records)."""
+    if not isinstance(model, nn.Module):
+        raise TokenSparseError(f"model must be a torch.nn.Module, got a {type(model).__name__}")
     state = model_state(model)
     if state is None:
         raise TokenSparseError("model is not patched with a tokensparse method (call tokensparse.patch first)")

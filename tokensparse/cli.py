@@ -23,11 +23,26 @@ from torch.utils.data import Dataset
 
 from . import __version__
 from .api import list_methods, patch
-from .data import ImageNetFolder, check_class_count, drop_unreadable, image_dataset, worker_error_message
+from .data import (
+    ImageNetFolder,
+    UnlabelledImages,
+    check_class_count,
+    drop_unreadable,
+    image_dataset,
+    worker_error_message,
+)
 from .errors import TokenSparseError
 from .export import export_onnx
 from .families import get_family
-from .measure import BASELINE, build_variants, measure_variants, measurement_device, random_predictors, wide_spread
+from .measure import (
+    BASELINE,
+    build_variants,
+    is_classifier,
+    measure_variants,
+    measurement_device,
+    random_predictors,
+    wide_spread,
+)
 from .methods import get_method
 from .methods.dynamicvit import describe
 from .models import HF_PREFIX, create_model
@@ -36,7 +51,7 @@ from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
 from .train.calibrate import IMITATION_TARGETS, CalibrateConfig, calibrate_dynamicvit, check_output_file, method_plan
 from .train.config import LearningConfig
 from .train.finetune import CHECKPOINT, PREDICTORS, TrainConfig, finetune_dynamicvit
-from .tune import SEARCH_IMAGES, TUNABLE, check_target, plot_tune, tune, write_tune_csv
+from .tune import SEARCH_IMAGES, TUNABLE, check_methods, check_target, plot_tune, tune, write_tune_csv
 from .utils import atomic_write, check_writable_folder, resolve_device
 from .viz import figure_path, token_maps
 
@@ -96,11 +111,14 @@ def command_parser(subparsers: Any, name: str, func: Any, help: str, description
     return parser
 
 
-def add_images_args(parser: argparse.ArgumentParser) -> None:
-    """--images / --wnids / --limit."""
+def add_images_args(parser: argparse.ArgumentParser, unlabelled: bool = False, features: bool = False) -> None:
+    """--images / --wnids / --limit (``unlabelled``: calibrate, which reads any images; ``features``:
+    commands that measure a feature extractor's embeddings on any images)."""
+    labelled = "ImageNet-style images: DIR/<wnid>/*.JPEG or DIR/<wnid>_*.JPEG"
     parser.add_argument("--images", metavar="DIR", type=Path,
-                        help="ImageNet-style images: DIR/<wnid>/*.JPEG or DIR/<wnid>_*.JPEG (calibrate "
-                             "without a class list: any images under DIR)")
+                        help="any images under DIR (searched recursively; labels unused)" if unlabelled else
+                        labelled + ("; for a model without a classifier, any images (embedding fidelity)"
+                                    if features else ""))
     parser.add_argument("--wnids", metavar="FILE", type=Path,
                         help="class list, line i = class i (default: wnids.txt in DIR or "
                              "its parent)")
@@ -120,7 +138,8 @@ def find_wnids(images: Path, wnids: Path | None) -> Path | None:
 
 def add_timing_args(parser: argparse.ArgumentParser, runs: int, warmup: int) -> None:
     """--batch-size, --threads, --runs, --warmup (the commands that time models)."""
-    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
+    parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N",
+                        help="images per timed forward pass (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="torch intra-op threads while timing (default: torch's)")
     parser.add_argument("--runs", type=positive_int, default=runs, metavar="N",
@@ -167,11 +186,28 @@ def needs_trained_parts(model: nn.Module) -> list[str]:
     return [info.name for info in list_methods() if info.supports(model) and info.needs_training]
 
 
-def check_output_path(path: Path, what: str) -> Path:
-    """Before any expensive work: ``path`` is not a folder and its folder can be written (created
-    if missing); TokenSparseError naming the path otherwise."""
+OVERWRITE_HELP = "replace output files that already exist (without it, an existing output file is an error)"
+
+
+def add_overwrite_arg(parser: argparse.ArgumentParser, help: str = OVERWRITE_HELP) -> None:
+    """--overwrite: the one rule for every command's output files (nothing the user had is replaced
+    unless asked)."""
+    parser.add_argument("--overwrite", action="store_true", help=help)
+
+
+def refuse_existing(path: Path, what: str, overwrite: bool) -> None:
+    """An error naming ``path`` when it exists and ``overwrite`` is not given (the CLI's one rule)."""
+    if path.exists() and not overwrite:
+        raise TokenSparseError(f"{what} {str(path)!r} already exists; pass --overwrite to replace it, or give "
+                               f"another name")
+
+
+def check_output_path(path: Path, what: str, overwrite: bool = False) -> Path:
+    """Before any expensive work: ``path`` is not a folder, its folder can be written (created if
+    missing), and it does not exist unless ``overwrite``; TokenSparseError naming the path otherwise."""
     if path.is_dir():
         raise TokenSparseError(f"cannot write {what} {str(path)!r}: it is a folder; give a file name")
+    refuse_existing(path, what, overwrite)
     check_writable_folder(path.parent, f"folder for the {what}")
     return path
 
@@ -198,31 +234,50 @@ def add_bench_parser(subparsers: Any) -> None:
     p.add_argument("--method", action="append", metavar="SPEC",
                    help="method spec, e.g. tome:r=13 (repeatable; default: every method that "
                         "supports the model, at its defaults)")
-    add_images_args(p)
+    add_images_args(p, features=True)
     add_timing_args(p, runs=10, warmup=2)
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast to bfloat16 (default: %(default)s)")
     runtime = p.add_mutually_exclusive_group()
     runtime.add_argument("--compile", action="store_true",
                          help="time torch.compile(fullgraph=True) of every model (compile time reported apart)")
     runtime.add_argument("--runtime", choices=("pytorch", "onnxruntime"), default="pytorch",
                          help="onnxruntime: time every model exported to ONNX (fixed batch) in onnxruntime; export "
                               "time reported apart; needs tokensparse[export] (default: pytorch)")
-    p.add_argument("--compile-backend", default="inductor", metavar="NAME",
+    p.add_argument("--compile-backend", metavar="NAME",
                    help="torch.compile backend with --compile (default: inductor)")
     p.add_argument("--json", type=Path, metavar="FILE", help="also write the rows as JSON")
+    add_overwrite_arg(p)
+
+
+def check_compile_backend(args: argparse.Namespace) -> None:
+    """--compile-backend needs --compile, and must name a backend torch.compile knows."""
+    if args.compile_backend is None:
+        return
+    if not args.compile:
+        raise TokenSparseError("--compile-backend applies to --compile only; add --compile (or drop it)")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if args.compile_backend not in backends:
+        raise TokenSparseError(f"unknown --compile-backend {args.compile_backend!r}; torch.compile's backends: "
+                               f"{', '.join(backends)}")
 
 
 def bench_accuracy_source(
-        args: argparse.Namespace) -> tuple[tuple[Path, Path | None] | None, str]:
-    """``((images, wnids), "")`` when accuracy can be measured, else ``(None, note)``.
+        args: argparse.Namespace, model: nn.Module | None = None) -> tuple[tuple[Path, Path | None] | None, str]:
+    """``((images, wnids), "")`` when accuracy (or, for a feature extractor, embedding fidelity) can
+    be measured, else ``(None, note)``.
 
-    A given --images folder is checked (layout, class list) even when accuracy is skipped.
+    A given --images folder is checked (layout, class list; any images for a feature extractor)
+    even when accuracy is skipped.
     """
     wnids = None
     if args.images is not None:
-        wnids = find_wnids(args.images, args.wnids)
-        ImageNetFolder(args.images, wnids)  # fail fast on a bad folder or class list
+        if model is not None and not is_classifier(model):
+            UnlabelledImages(args.images)  # a feature extractor needs no labels
+        else:
+            wnids = find_wnids(args.images, args.wnids)
+            ImageNetFolder(args.images, wnids)  # fail fast on a bad folder or class list
     if args.weights is None and not args.pretrained and not args.model.startswith(HF_PREFIX):
         return None, ("note: accuracy columns need weights (--weights FILE or --pretrained); "
                       "measuring GMACs and throughput only")
@@ -240,7 +295,7 @@ def run_bench(args: argparse.Namespace, variants: dict[str, nn.Module],
     results = measure_variants(variants, BASELINE, images, wnids, limit=args.limit,
                                batch_size=args.batch_size, threads=args.threads, device=args.device,
                                dtype=args.dtype, runs=args.runs, warmup=args.warmup, runtime=bench_runtime(args),
-                               compile_backend=args.compile_backend)
+                               compile_backend=args.compile_backend or "inductor")
     return [{"method": name, **metrics, "random_predictors": random_predictors(name)}
             for name, metrics in results.items()]
 
@@ -271,17 +326,25 @@ def bench_table(args: argparse.Namespace, rows: Sequence[dict[str, Any]], thread
                    else ""))
     table.add_column("method", overflow="fold")
     vs_eager = bench_runtime(args) != "eager"
+    features = any(r.get("cosine") is not None for r in rows)
     headers = ["GMACs", "img/s", "ms/batch", "speed-up", "range"]
     if vs_eager:
         headers += ["eager ms/batch", "eager speed-up"]
-    for header in (*headers, "top-1 %", "top-5 %", "agree %"):
+    quality = ["cosine", "NN agree %"] if features else ["top-1 %", "top-5 %", "agree %"]
+    for header in (*headers, *quality):
         table.add_column(header, justify="right")
+    if features:
+        table.caption += ("; a model without a classifier: cosine = mean cosine similarity of each image's "
+                          "embedding to the unreduced one, NN agree = % of images whose nearest neighbour "
+                          "among the images stays the same")
     for r in rows:
         label = r["method"] + (" (random predictors)" if r.get("random_predictors") else "")
         eager_x = r.get("eager_speedup")
         eager = [fmt(r.get("eager_latency_ms"), 1), "-" if eager_x is None else f"{eager_x:.2f}x"] if vs_eager else []
+        cells = [fmt(r.get("cosine"), 4), fmt(r["agreement"], 1)] if features else \
+            [fmt(r["top1"], 1), fmt(r["top5"], 1), fmt(r["agreement"], 1)]
         table.add_row(label, fmt(r["gmacs"], 3), fmt(r["img_per_s"], 1), fmt(r.get("latency_ms"), 1), *speedup_text(r),
-                      *eager, fmt(r["top1"], 1), fmt(r["top5"], 1), fmt(r["agreement"], 1))
+                      *eager, *cells)
     return table
 
 
@@ -306,10 +369,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     console = table_console()
     specs = normalise_specs(args.method) if args.method else None
     measurement_device(args.device)  # a bad or unusable device fails before anything is loaded
+    check_compile_backend(args)
     if args.json is not None:
-        check_output_path(args.json, "JSON file")
+        check_output_path(args.json, "JSON file", args.overwrite)
     base = load_model(args)
-    accuracy_source, note = bench_accuracy_source(args)
+    accuracy_source, note = bench_accuracy_source(args, base)
     notes = [note] if note else []
     if specs is None:
         specs = default_specs(base)
@@ -351,7 +415,7 @@ def add_learning_args(parser: argparse.ArgumentParser, config: type[LearningConf
     --threads and --device."""
     parser.add_argument("--method", default="dynamicvit", metavar="SPEC",
                         help="dynamicvit spec, e.g. dynamicvit:rho=0.7 (default: dynamicvit)")
-    add_images_args(parser)
+    add_images_args(parser, unlabelled=config is CalibrateConfig)
     parser.add_argument("--split", choices=("all", "even", "odd"), default="all",
                         help="use all images, or only the even / odd positions of the sorted list")
     parser.add_argument("--epochs", type=non_negative_int, default=config.epochs, metavar="N",
@@ -361,15 +425,18 @@ def add_learning_args(parser: argparse.ArgumentParser, config: type[LearningConf
                         help="per process (default: %(default)s)")
     parser.add_argument("--lr", type=float, default=config.lr,
                         help="learning rate of DynamicViT's new parts (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=config.weight_decay, help="(default: %(default)s)")
-    parser.add_argument("--warmup-epochs", type=float, default=config.warmup_epochs, help="(default: %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=config.weight_decay,
+                        help="AdamW weight decay (default: %(default)s)")
+    parser.add_argument("--warmup-epochs", type=float, default=config.warmup_epochs,
+                        help="epochs of linear learning-rate warm-up before the cosine decay (default: %(default)s)")
     parser.add_argument("--ratio-weight", type=float, default=config.ratio_weight,
                         help="ratio loss weight (default: 2.0 for ViTs, 10.0 for ConvNeXt / Swin)")
     parser.add_argument("--distill-weight", type=float, default=config.distill_weight,
                         help="KL to the teacher's logits (default: %(default)s)")
     parser.add_argument("--token-weight", type=float, default=config.token_weight,
                         help="MSE to the teacher's final kept tokens / feature map (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=config.seed)
+    parser.add_argument("--seed", type=int, default=config.seed,
+                        help="seed of the random views, masks and data order (default: %(default)s)")
     parser.add_argument("--workers", type=non_negative_int, default=config.num_workers, metavar="N",
                         help="data loader workers (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads")
@@ -426,7 +493,8 @@ def add_train_parser(subparsers: Any) -> None:
     """``tokensparse train``: fine-tune a DynamicViT model (torchrun for several processes/nodes)."""
     p = command_parser(
         subparsers, "train", cmd_train, help="fine-tune DynamicViT's new parts and the backbone on an image folder",
-        description="Fine-tune a timm ViT, ConvNeXt or Swin with DynamicViT (CE + ratio loss + "
+        description="Fine-tune a timm ViT, ConvNeXt or Swin, or a transformers ViT, DeiT, DINOv2, CLIP or SigLIP "
+                    "model (--model hf:PATH), with DynamicViT (CE + ratio loss + "
                     "distillation from the unreduced model). Run under torchrun for "
                     "DistributedDataParallel (gloo on CPU, nccl on GPUs). Checkpoints go to "
                     "OUT/checkpoint.pt after every epoch (and every --checkpoint-every steps), the "
@@ -437,9 +505,8 @@ def add_train_parser(subparsers: Any) -> None:
                    help="continue from OUT/checkpoint.pt (or FILE) exactly where it stopped (a new --epochs, "
                         "--lr, --warmup-epochs, --weight-decay or --backbone-lr-scale rebuilds the "
                         "learning-rate schedule for them)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start over even if OUT already holds a checkpoint, replacing it (without --resume "
-                        "or --overwrite, an existing checkpoint is an error)")
+    add_overwrite_arg(p, "start over even if OUT already holds a checkpoint, replacing it (without --resume "
+                         "or --overwrite, an existing checkpoint is an error)")
     p.add_argument("--backbone-lr-scale", type=float, default=TrainConfig.backbone_lr_scale,
                    help="backbone lr = lr x this (default: %(default)s)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast")
@@ -473,6 +540,7 @@ def add_calibrate_parser(subparsers: Any) -> None:
                     "them as safetensors, for '--method dynamicvit:predictors=FILE'.")
     add_learning_args(p, CalibrateConfig, device="cpu", device_help="torch device (default: cpu)")
     p.add_argument("--out", type=Path, required=True, metavar="FILE", help="predictors .safetensors file")
+    add_overwrite_arg(p)
     p.add_argument("--no-flip", action="store_true", help="do not add mirrored copies of the images")
     p.add_argument("--views", type=non_negative_int, default=CalibrateConfig.views, metavar="N",
                    help="random views per image: crop, flip, brightness / contrast (default: %(default)s)")
@@ -493,6 +561,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                           imitation_epochs=args.imitation_epochs, imitation_target=args.imitation_target)
     cfg.validate()  # bad options and an unwritable --out fail before the model is loaded
     check_output_file(args.out)
+    refuse_existing(args.out, "predictors file", args.overwrite)
     model = learning_setup(args)
     method_plan(model, args.method)  # fail fast on a bad spec or model
     data, skipped = training_images(args, model, training=False, labels=False)
@@ -519,6 +588,7 @@ def add_viz_parser(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, default=Path("token_maps.png"), metavar="FILE",
                    help="output image: .png, .jpg, .pdf, .svg or another format matplotlib writes "
                         "(.png added when there is no suffix; default: token_maps.png)")
+    add_overwrite_arg(p)
 
 
 def cmd_viz(args: argparse.Namespace) -> int:
@@ -530,7 +600,7 @@ def cmd_viz(args: argparse.Namespace) -> int:
         raise TokenSparseError(f"image file not found: {str(args.image)!r}")
     for spec in specs:
         get_method(parse_spec(spec)[0])  # unknown method: fail before building the model
-    out = check_output_path(figure_path(args.out), "figure")  # format and folder: before any model runs
+    out = check_output_path(figure_path(args.out), "figure", args.overwrite)  # before any model runs
     model = load_model(args)
     token_maps(model, specs, args.image, out=out)
     Console().print(f"wrote {out}")
@@ -554,6 +624,7 @@ def add_export_parser(subparsers: Any) -> None:
     p.add_argument("--image-size", type=positive_int, nargs=2, metavar=("H", "W"),
                    help="input height and width (default: the model's)")
     p.add_argument("--atol", type=float, default=1e-4, help="largest difference allowed (default: 1e-4)")
+    add_overwrite_arg(p)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -564,7 +635,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         get_method(name)  # unknown method: fail before building the model
     if not args.atol > 0:
         raise TokenSparseError(f"--atol must be > 0, got {args.atol!r}")
-    out = check_output_path(args.out, "ONNX file")
+    out = check_output_path(args.out, "ONNX file", args.overwrite)
     model = load_model(args)
     if label != BASELINE:
         patch(model, label)
@@ -572,7 +643,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_onnx(model, out, batch_size=2 if dynamic else args.batch_size, dynamic_batch=dynamic,
                          image_size=args.image_size, atol=args.atol)
     console = Console()
-    table = Table(title=f"{out} | {args.model} | {label}")
+    untrained = random_predictors(label)
+    table = Table(title=f"{out} | {args.model} | {label}" + (" (random predictors)" if untrained else ""))
     for header in ("", "name", "shape"):
         table.add_column(header)
     for kind, items in (("input", report.inputs), ("output", report.outputs)):
@@ -581,6 +653,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     console.print(table)
     console.print(f"onnxruntime matches PyTorch on a batch of {report.check_batch}: largest difference "
                   f"{report.max_difference:.2g} (allowed {args.atol:g})")
+    if untrained:
+        console.print(f"note: {name} without predictors=FILE has random predictors: the exported model keeps "
+                      f"tokens at random (its speed is the trained method's); calibrate them first "
+                      f"('tokensparse calibrate') and export with --method {name}:predictors=FILE", markup=False)
     console.print(f"wrote {out}")
     return 0
 
@@ -592,7 +668,7 @@ def add_sweep_parser(subparsers: Any) -> None:
         description="For each --method, measure every value of its main knob (see "
                     "tokensparse.sweep.GRIDS) with the unreduced model in the same run: GMACs, "
                     "speed-up, top-1/top-5 and agreement. Writes OUT/sweep.csv and OUT/sweep.png.")
-    add_images_args(p)
+    add_images_args(p, features=True)
     p.add_argument("--method", action="append", metavar="NAME",
                    help="method name, or NAME:key=value,... to fix other options (repeatable; default: "
                         "every training-free method with a grid that supports the model)")
@@ -600,6 +676,7 @@ def add_sweep_parser(subparsers: Any) -> None:
                    help="use only N values of each grid, spread evenly (default: all)")
     p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                    help="folder for sweep.csv and sweep.png (default: .)")
+    add_overwrite_arg(p)
     add_timing_args(p, runs=5, warmup=1)
     p.add_argument("--x-axis", choices=("speedup", "gmacs"), default="speedup",
                    help="plot against measured speed-up, or against the GMACs reduction "
@@ -613,10 +690,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         sweep_specs(args.method)  # unknown method: fail before building the model
     check_writable_folder(args.out, "output folder")  # before anything is measured
     for name in ("sweep.csv", "sweep.png"):
-        check_output_path(args.out / name, "sweep output")
+        check_output_path(args.out / name, "sweep output", args.overwrite)
     base = load_model(args)
     rows = sweep_specs(args.method, args.points, base)
-    source, note = bench_accuracy_source(args)
+    source, note = bench_accuracy_source(args, base)
     if note:
         console.print(note)
     console.print(f"sweeping {len(rows) - 1} variants + unreduced")
@@ -667,9 +744,12 @@ def add_tune_parser(subparsers: Any) -> None:
     p.add_argument("--batch-size", type=positive_int, default=64, metavar="N", help="(default: %(default)s)")
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch intra-op threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: autocast to bfloat16 (default: %(default)s)")
     p.add_argument("--budget", type=float, default=10.0, metavar="MINUTES",
-                   help="minutes for the whole run (default: %(default)s)")
+                   help="minutes for the whole run: the search stops early to leave time for measuring the "
+                        "finalists; the setup and that measurement run whole, so a small budget can be overrun "
+                        "(a note then says by how much) (default: %(default)s)")
     p.add_argument("--search-images", type=positive_int, default=SEARCH_IMAGES, metavar="N",
                    help="even positions searched on: the first half (at most 128) screens, the rest selects "
                         "(default: %(default)s)")
@@ -677,6 +757,7 @@ def add_tune_parser(subparsers: Any) -> None:
                    help="timed rounds of the interleaved timings (default: %(default)s)")
     p.add_argument("--out", type=Path, default=Path("."), metavar="DIR",
                    help="folder for tune.csv and tune.png (default: .)")
+    add_overwrite_arg(p)
 
 
 def tune_table(args: argparse.Namespace, result: Any) -> Table:
@@ -686,9 +767,14 @@ def tune_table(args: argparse.Namespace, result: Any) -> Table:
     table = Table(
         title=f"{args.model} | batch {args.batch_size} | {args.threads or torch.get_num_threads()} threads | "
               f"{args.device} {args.dtype} | target {target}",
-        caption="held-out images (odd positions): agreement = % same top-1 as unreduced, KL = mean KL(unreduced || "
-                "reduced); speed-up measured interleaved in one run; front: not beaten on both speed and KL")
-    for header in ("role", "spec", "front", "speed-up", "GMACs", "agree %", "KL", "top-1 %"):
+        caption=("held-out images (odd positions): NN agree = % of images whose nearest neighbour stays the same, "
+                 "1 - cos = 1 - mean cosine similarity of the embeddings to the unreduced ones (a model without a "
+                 "classifier)" if result.features else
+                 "held-out images (odd positions): agreement = % same top-1 as unreduced, KL = mean KL(unreduced || "
+                 "reduced)") + "; speed-up measured interleaved in one run; front: not beaten on both speed and "
+                "fidelity")
+    agree, distance = ("NN agree %", "1 - cos") if result.features else ("agree %", "KL")
+    for header in ("role", "spec", "front", "speed-up", "GMACs", agree, distance, "top-1 %"):
         table.add_column(header, justify="left" if header in ("role", "spec", "front") else "right",
                          overflow="fold")
     for r in result.rows:
@@ -701,22 +787,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
     """Run ``tokensparse tune``."""
     console = table_console()
     check_target(args.speedup, args.gmacs)  # bad targets and methods fail before the model is loaded
-    for name in args.methods or []:
-        if name not in TUNABLE:
-            raise TokenSparseError(f"tune cannot search method {name!r}; tunable: {', '.join(TUNABLE)}")
+    check_methods(args.methods)
     if not args.budget > 0:
         raise TokenSparseError(f"--budget must be a positive number of minutes, got {args.budget!r}")
     if not args.images.is_dir():
         raise TokenSparseError(f"image directory {str(args.images)!r} not found")
     check_writable_folder(args.out, "output folder")
     for name in ("tune.csv", "tune.png"):
-        check_output_path(args.out / name, "tune output")
+        check_output_path(args.out / name, "tune output", args.overwrite)
     model = load_model(args)
     result = tune(model, args.images, speedup=args.speedup, gmacs=args.gmacs, methods=args.methods,
                   wnids=args.wnids, batch_size=args.batch_size, threads=args.threads, device=args.device,
                   dtype=args.dtype, budget=args.budget, limit=args.limit, search_images=args.search_images,
                   runs=args.runs)
     console.print(tune_table(args, result))
+    agree, distance = ("neighbour agreement", "1 - cosine") if result.features else ("agreement", "KL")
     for note in result.notes:
         console.print(f"note: {note}", markup=False)
     write_tune_csv(result.rows, args.out / "tune.csv")
@@ -725,8 +810,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     met = "meets" if result.met_target else "does NOT meet"
     console.print(f"searched {result.search_seconds:.0f} s, {result.seconds:.0f} s in all; wrote "
                   f"{args.out / 'tune.csv'} and {args.out / 'tune.png'}; the choice {met} the target: "
-                  f"{fmt(c.speedup, 2)}x, {fmt(c.gmacs, 3)} GMACs, held-out agreement {fmt(c.agreement, 1)}%, "
-                  f"KL {fmt(c.kl, 4)}", markup=False)
+                  f"{fmt(c.speedup, 2)}x, {fmt(c.gmacs, 3)} GMACs, held-out {agree.removesuffix(' %')} "
+                  f"{fmt(c.agreement, 1)}%, {distance} {fmt(c.kl, 4)}", markup=False)
     print(c.spec)
     return 0
 

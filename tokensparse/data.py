@@ -346,16 +346,27 @@ def split_dataset(dataset: Dataset, split: str = "all", limit: int | None = None
         dataset = Subset(dataset, range(min(positive_int(limit, "limit"), len(dataset))))
     if split == "all":
         return dataset
-    return Subset(dataset, range(0 if split == "even" else 1, len(dataset), 2))
+    part = Subset(dataset, range(0 if split == "even" else 1, len(dataset), 2))
+    if len(part) == 0:
+        kept = f"the first {limit} images" if limit is not None else "the folder"
+        raise TokenSparseError(f"split {split!r} leaves no images: {kept} has {len(dataset)} image"
+                               f"{'s' * (len(dataset) != 1)}; give more images, or split all")
+    return part
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
     """timm's data config of ``model`` (input size, interpolation, mean, std, crop), with the input
     size the patch embedding was built for where a timm model was built for another one than its
     pretrained config's (e.g. ``img_size=64``); for a transformers model the same keys from its
-    image processor (:func:`~tokensparse.families.hf.hf_data_config`)."""
+    image processor (:func:`~tokensparse.families.hf.hf_data_config`: its resize, crop ratio and
+    normalisation) at the size the model is configured for (``config.image_size``)."""
     if is_transformers_model(model):
-        return hf_data_config(model)
+        # the processor's resize, crop ratio and normalisation, at the size the model is built for
+        # (config.image_size): a processor saved with another size would feed images the position
+        # embeddings do not fit; export and bench use the same size
+        cfg = hf_data_config(model)
+        cfg["input_size"] = hf_input_size(model)
+        return cfg
     cfg = timm.data.resolve_data_config({}, model=model)
     built = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if isinstance(built, tuple) and len(built) == 2 and getattr(model.patch_embed, "strict_img_size", False):

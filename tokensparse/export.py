@@ -115,7 +115,15 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, batch_size: i
     x = torch.randn(batch_size, *size, generator=generator).to(device)
     wrapped = TensorOutputs(model).eval()
     with eval_mode(model), torch.no_grad():
-        wrapped(x)  # names the outputs
+        try:
+            wrapped(x)  # names the outputs
+        except (AssertionError, ValueError, RuntimeError) as exc:
+            if image_size is None:
+                raise
+            own = input_size(model)
+            raise TokenSparseError(f"the model does not take {size[1]}x{size[2]} images ({first_line(exc)}); its "
+                                   f"input size is {own[1]}x{own[2]}: leave out the image size, or build a timm "
+                                   f"model with dynamic_img_size=True") from None
         names = list(wrapped.names)
         dynamic = ({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None
         with warnings.catch_warnings(), contextlib.redirect_stdout(None):

@@ -209,7 +209,12 @@ def load_hf_model(source: str) -> nn.Module:
         if cls is None:
             raise TokenSparseError(f"hf:{source}: config.json names the class {names[0]!r}, which this "
                                    f"transformers {transformers.__version__} does not have")
-        model = cls.from_pretrained(path, attn_implementation="sdpa")
+        try:
+            model = cls.from_pretrained(path, attn_implementation="sdpa")
+        except ValueError as exc:  # a class without SDPA attention: patching it names the supported classes
+            if not any(key in str(exc).lower() for key in ("sdpa", "scaled_dot_product_attention")):
+                raise
+            model = cls.from_pretrained(path)
     except (OSError, ValueError, KeyError) as exc:
         raise TokenSparseError(f"cannot load the transformers model hf:{source}: {first_line(exc)}") from None
     return model.eval()

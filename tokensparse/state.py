@@ -102,6 +102,12 @@ class TokenState:
         new.active = False
         return new
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling keeps (``torch.save`` of a patched model): the configuration, not a pass's records."""
+        fresh = TokenState.__new__(TokenState)
+        fresh.reset()
+        return {**self.__dict__, **fresh.__dict__, "active": False}
+
     def start(self, x: Tensor) -> None:
         """Begin a forward pass on tokens ``x`` ``(B, N, C)``."""
         B, N, _ = x.shape

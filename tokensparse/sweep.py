@@ -47,6 +47,9 @@ class SweepRow:
     top1: float | None = None
     top5: float | None = None
     agreement: float | None = None
+    cosine: float | None = None
+    """A feature extractor's mean cosine similarity to the unreduced embeddings (``agreement``: its
+    nearest-neighbour agreement; see :mod:`tokensparse.measure.embedding`)."""
 
 
 def pick(values: Sequence[Any], points: int | None) -> list[Any]:
@@ -171,16 +174,21 @@ def rows_knob(rows: Sequence[SweepRow], method: str) -> str:
 
 def plot_sweep(rows: Sequence[SweepRow], out: str | Path | None = None,
                title: str = "", x: str = "speedup") -> Any:
-    """Figure of top-1 and agreement (GMACs without accuracy) against ``x`` (see :data:`X_AXES`).
+    """Figure of top-1 and agreement (a feature extractor's cosine similarity and neighbour agreement;
+    GMACs without accuracy) against ``x`` (see :data:`X_AXES`).
 
     Each method's points are joined in knob order and labelled with the knob value. The
     figure is a plain :class:`matplotlib.figure.Figure` (no pyplot, the global backend is left
     alone).
     """
     xs = x_values(rows, x)
-    has_acc = any(r.top1 is not None for r in rows)
-    panels = [("top1", "top-1 (%)"), ("agreement", "agreement with unreduced (%)")] if has_acc \
-        else [("gmacs", "GMACs")]
+    if any(r.cosine is not None for r in rows):
+        panels = [("cosine", "cosine similarity to unreduced embedding"),
+                  ("agreement", "nearest-neighbour agreement with unreduced (%)")]
+    elif any(r.top1 is not None for r in rows):
+        panels = [("top1", "top-1 (%)"), ("agreement", "agreement with unreduced (%)")]
+    else:
+        panels = [("gmacs", "GMACs")]
     fig = Figure(figsize=(6 * len(panels), 4.5))
     axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (metric, label) in zip(axes[0], panels):

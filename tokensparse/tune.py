@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import time
 from collections import Counter
@@ -63,10 +64,20 @@ from .api import is_patched, patch, token_state, unpatch
 from .data import UNLABELLED, image_dataset, input_size
 from .errors import TokenSparseError
 from .families import TokenFamily, get_family
-from .measure import BASELINE, build_variants, fidelity, gmacs, kept_logprob, timed_runs
+from .measure import (
+    BASELINE,
+    build_variants,
+    cosine_to,
+    embedding_fidelity,
+    embedding_of,
+    fidelity,
+    gmacs,
+    kept_logprob,
+    timed_runs,
+)
 from .measure._common import measurement_device, resolve_dtype, synchronize
 from .measure.speed import num_threads
-from .methods import get_method
+from .methods import REGISTRY, get_method
 from .methods.base import default_locations
 from .methods.evovit import default_stages
 from .methods.mctf import MIN_TOKENS as MCTF_MIN_TOKENS
@@ -377,6 +388,9 @@ class TuneResult:
     seconds: float
     search_seconds: float
     notes: list[str] = field(default_factory=list)
+    features: bool = False
+    """A feature extractor: ``agreement`` is neighbour agreement and ``kl`` is ``1 -`` the mean cosine
+    similarity of the embeddings (:func:`embedding_scores`)."""
 
 
 # ----------------------------------------------------------------------------- fidelity
@@ -390,11 +404,15 @@ class Evaluator:
     """
 
     def __init__(self, model: nn.Module, family: TokenFamily, batches: list[Tensor], device: torch.device,
-                 dtype: torch.dtype, resume: bool = False) -> None:
+                 dtype: torch.dtype, resume: bool = False, features: bool = False) -> None:
         self.model, self.family, self.device, self.dtype = model, family, device, dtype
         self.depth = len(family.blocks)
         self.size = sum(len(b) for b in batches)
+        self.features = features
         self.inputs: list[list[Tensor]] = []  # [batch][block]: tokens entering the block, unreduced
+        if features:  # a feature extractor: its own output, the whole model run on the images
+            self.inputs = [[images.to(device)] for images in batches]
+            return
         with torch.inference_mode(), self._autocast():
             for images in batches:
                 x = family.run_to(images.to(device), 0)
@@ -412,7 +430,11 @@ class Evaluator:
 
     def logits(self, start: int = 0) -> Tensor:
         """Logits of the model as patched now, from block ``start`` on (``start`` > 0: the model
-        reduces nothing before it, and the evaluator keeps every block's input)."""
+        reduces nothing before it, and the evaluator keeps every block's input); a feature
+        extractor's embeddings (:func:`~tokensparse.measure.embedding_of`) from the whole model."""
+        if self.features:
+            with torch.inference_mode(), self._autocast():
+                return torch.cat([embedding_of(self.model(images[0])).float() for images in self.inputs])
         state = token_state(self.model) if is_patched(self.model) else None
         out = []
         with torch.inference_mode(), self._autocast():
@@ -608,8 +630,9 @@ class _Search:
         if spec not in self.seen:
             patch(self.model, spec)
             logits = self.evaluator.logits(knob.first_block(values))
-            agreement, kl = fidelity(logits, self.reference)
-            halves = tuple(fidelity(logits[h::2], self.reference[h::2])[1] for h in (0, 1))
+            score = scores_for(self.evaluator.features)[0]
+            agreement, kl = score(logits, self.reference)
+            halves = tuple(score(logits[h::2], self.reference[h::2])[1] for h in (0, 1))
             self.seen[spec] = _Point(knob.method, dict(values), spec, schedule, cost, agreement, kl, label,
                                      dict(weights), cut, halves)
             self.evaluations += 1
@@ -653,6 +676,21 @@ class _Search:
         return point
 
 
+def embedding_scores(embeddings: Tensor, reference: Tensor) -> tuple[float, float]:
+    """A feature extractor's ``(agreement, distance)``, tune's ``(agreement, KL)`` for classifiers:
+    neighbour agreement (%) and ``1 -`` the mean cosine similarity to the unreduced embeddings."""
+    agreement, cosine = embedding_fidelity(embeddings, reference)
+    return agreement, 1.0 - cosine
+
+
+def scores_for(features: bool) -> tuple[Callable[[Tensor, Tensor], tuple[float, float]],
+                                         Callable[[Tensor, Tensor], Tensor]]:
+    """The fidelity (agreement, KL-like distance) and per-image kept score (higher is better) tune uses:
+    classifiers' agreement / KL / log-probability of the unreduced top-1, or a feature extractor's
+    neighbour agreement / ``1 - cosine`` / cosine similarity."""
+    return (embedding_scores, cosine_to) if features else (fidelity, kept_logprob)
+
+
 def refines(new: _Point, old: _Point) -> bool:
     """Whether a refinement step is kept: it lowers the screening KL by more than 3%, and on both
     halves of the screening images (so a step that fits a few images on one half is not: a
@@ -684,6 +722,49 @@ def default_methods(model: nn.Module) -> list[str]:
     return [name for name, knob in TUNABLE.items() if knob.by_default and knob.supports(model)]
 
 
+def _number(text: str) -> float | None:
+    """``"1.5"`` or ``"1.5x"`` as a number, else None."""
+    try:
+        return float(text.strip().removesuffix("x").removesuffix("X"))
+    except ValueError:
+        return None
+
+
+def check_methods(methods: Sequence[str] | None, model: nn.Module | None = None) -> list[str] | None:
+    """The method names to search (None: the defaults), checked: a list of tunable names (a
+    single string is one name), not empty, each supporting ``model`` when given."""
+    if methods is None:
+        return None
+    if isinstance(methods, str):
+        methods = [methods]
+    if not isinstance(methods, (list, tuple)) or not all(isinstance(m, str) for m in methods):
+        raise TokenSparseError(f"methods must be a list of method names, got {methods!r}")
+    if not methods:
+        raise TokenSparseError(f"methods is empty: name methods to search ({', '.join(TUNABLE)}), or leave it out "
+                               f"to search every one that supports the model")
+    names = list(dict.fromkeys(methods))
+    for name in names:
+        if name not in TUNABLE:
+            raise TokenSparseError(f"tune cannot search method {name!r}; tunable: {', '.join(TUNABLE)}")
+        if model is not None and not TUNABLE[name].supports(model):
+            supported = [n for n in TUNABLE if TUNABLE[n].supports(model)]
+            raise TokenSparseError(f"method {name!r} does not support this model ({_why_not(name, model)}); "
+                                   f"tunable here: {', '.join(supported) or 'none'}")
+    return names
+
+
+def _why_not(name: str, model: nn.Module) -> str:
+    """Why a tunable method does not support ``model``: the first part that refuses it, in its own words."""
+    for part in TUNABLE[name].methods():
+        method = get_method(part)()
+        if not method.supports(model):
+            family = get_family(model)
+            if method.needs_class_token and not getattr(family, "has_class_token", False):
+                return f"{part} scores tokens by class attention and this model has no class token"
+            return f"{part} does not support {family.name} models"
+    return "not supported"
+
+
 def check_target(speedup: float | str | None, gmacs_target: float | None) -> tuple[str, float | str]:
     """``("speedup" | "gmacs", target)``: a speed-up > 1, a method spec (its measured speed-up), or
     GMACs > 0; exactly one of them. A clear error otherwise."""
@@ -696,8 +777,14 @@ def check_target(speedup: float | str | None, gmacs_target: float | None) -> tup
             raise TokenSparseError(f"gmacs must be a positive number, got {gmacs_target!r}")
         return "gmacs", float(gmacs_target)
     if isinstance(speedup, str):
+        number = _number(speedup)
+        if number is not None:  # "1.5" or "1.5x": a number after all
+            return check_target(number, None)
         name, options = parse_spec(speedup)
-        get_method(name)(**options)  # unknown method or option: the registry's error
+        if name not in REGISTRY and ":" not in speedup:
+            raise TokenSparseError(f"speedup must be a number > 1 (e.g. 1.5) or a method spec whose measured speed-up "
+                                   f"is the target (e.g. tome:r=13), got {speedup!r}")
+        get_method(name)(**options)  # an unknown method or option: the registry's error
         return "speedup", format_spec(name, options)
     if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not math.isfinite(speedup) \
             or not speedup > 1:
@@ -750,16 +837,15 @@ def _setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids: str
     if len(select_x) == 0:
         raise TokenSparseError(f"tune needs at least 4 images (to search, select and hold out), found {len(x)}")
     with progress_bar("tune: setup", 4, progress) as advance:
-        search = Evaluator(model, family, _batches(screen_x, batch_size), dev, amp, resume=True)
-        select = Evaluator(model, family, _batches(select_x, batch_size), dev, amp)
-        held = Evaluator(model, family, _batches(held_x, batch_size), dev, amp)
+        features = not family.has_head
+        search = Evaluator(model, family, _batches(screen_x, batch_size), dev, amp, resume=True, features=features)
+        select = Evaluator(model, family, _batches(select_x, batch_size), dev, amp, features=features)
+        held = Evaluator(model, family, _batches(held_x, batch_size), dev, amp, features=features)
         search_ref, select_ref, held_ref = search.logits(), select.logits(), held.logits()
         advance()
-        n_all, P = int(search.inputs[0][0].shape[1]), family.num_prefix
+        with torch.inference_mode(), _autocast(dev, amp):
+            n_all, P = int(family.run_to(screen_x[:1].to(dev), 0).shape[1]), family.num_prefix
         grid = sorted({max(P + 1, round(P + (n_all - P) * f)) for f in GRID})
-        blocks = time_blocks(family, batch_size, grid, dev, amp)
-        fixed = _time_embedding(family, even[:batch_size], dev, amp)
-        advance()
         timed = list(dict.fromkeys(m for name in names for m in TUNABLE[name].methods()))
         defaults = {name: name for name in timed}
         target_row = None
@@ -767,32 +853,48 @@ def _setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids: str
             target_row = next((name for name in timed if _same_config(target_spec, name)), target_spec)
             defaults[target_row] = target_row
         variants = build_variants(model, list(defaults.values()))
-        times = timed_runs(variants, batch_size=batch_size, input_size=size, threads=threads, device=dev,
-                           dtype=dtype, warmup=1, runs=runs)
-        advance()
-        unreduced = statistics.median(times[BASELINE])
-        cost = CostModel(grid, blocks, unreduced, fixed, len(family.blocks))
-        for name in timed:
-            patch(model, name)
-            sched = probe(model, family, size, count=False)
-            extra = statistics.median(times[name]) - cost.raw(sched)
-            cost.overhead[name] = max(0.0, extra) / max(1, sched.reductions)
-        for name in names:  # a schedule of several methods: their mean work per reducing block
-            parts = TUNABLE[name].parts
-            if parts:
-                cost.overhead[name] = statistics.mean(cost.overhead[m] for m in parts)
-        unpatch(model)
-        advance()
+
+        def measure_costs() -> tuple[CostModel, dict[str, list[float]]]:
+            """Block and embedding timings, the defaults timed for real, and the cost model from them."""
+            blocks = time_blocks(family, batch_size, grid, dev, amp)
+            fixed = _time_embedding(family, even[:batch_size], dev, amp)
+            times = timed_runs(variants, batch_size=batch_size, input_size=size, threads=threads, device=dev,
+                               dtype=dtype, warmup=1, runs=runs)
+            cost = CostModel(grid, blocks, statistics.median(times[BASELINE]), fixed, len(family.blocks))
+            for name in timed:
+                patch(model, name)
+                sched = probe(model, family, size, count=False)
+                extra = statistics.median(times[name]) - cost.raw(sched)
+                cost.overhead[name] = max(0.0, extra) / max(1, sched.reductions)
+            for name in names:  # a schedule of several methods: their mean work per reducing block
+                parts = TUNABLE[name].parts
+                if parts:
+                    cost.overhead[name] = statistics.mean(cost.overhead[m] for m in parts)
+            unpatch(model)
+            return cost, times
+
+        def speed_target(cost: CostModel, times: dict[str, list[float]]) -> tuple[float, float]:
+            """The target speed-up and the most any schedule can reach (a single patch token after block 0)."""
+            target = cost.total / statistics.median(times[target_row]) if target_row is not None else target_spec
+            return target, cost.total / (cost.fixed + cost.block(n_all) + (len(family.blocks) - 1) * cost.block(P + 1))
+
+        cost, times = measure_costs()
+        advance(3)
+        if kind == "speedup":
+            target, ceiling = speed_target(cost, times)
+            if not 1.0 < target < ceiling:  # a verdict from one noisy timing is timed again before it is given
+                cost, times = measure_costs()
+                target, ceiling = speed_target(cost, times)
+    unreduced = cost.total
     base_gmacs = gmacs(model, size)
     if kind == "speedup":
-        target = unreduced / statistics.median(times[target_row]) if target_row is not None else target_spec
-        ceiling = unreduced / (cost.fixed + cost.block(n_all) + (len(family.blocks) - 1) * cost.block(P + 1))
         if target <= 1.0:
-            raise TokenSparseError(f"{target_spec} measured {target:.2f}x here, not faster than the unreduced model: "
-                                   f"nothing to tune for")
+            raise TokenSparseError(f"{target_spec} measured {target:.2f}x here (timed twice), not faster than the "
+                                   f"unreduced model: nothing to tune for")
         if target >= ceiling:
             raise TokenSparseError(f"a speed-up of {target:.2f}x is out of reach here: even keeping a single patch "
-                                   f"token after the first block gives at most {ceiling:.2f}x")
+                                   f"token after the first block gives at most {ceiling:.2f}x (timed twice; a busy "
+                                   f"machine lowers this: close other work and run again)")
         goal = unreduced / (target * (1 + MARGIN))
     else:
         target = goal = float(target_spec)
@@ -850,17 +952,17 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
     kind, target_spec = check_target(speedup, gmacs)
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise TokenSparseError(f"budget must be a positive number of minutes, got {budget!r}")
+    batch_size, runs = positive_int(batch_size, "batch_size"), positive_int(runs, "runs")
+    if not isinstance(images, (str, os.PathLike)):
+        raise TokenSparseError(f"images must be the path of an image folder, got a {type(images).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TokenSparseError(f"model must be a torch.nn.Module, got a {type(model).__name__}")
     if is_patched(model):
         raise TokenSparseError("tune takes the unreduced model: call tokensparse.unpatch(model) first")
     family = get_family(model)
     if not isinstance(family, TokenFamily) or not family.reducible:
         raise TokenSparseError(f"tune searches token schedules of ViT-style models; {family.description} is not one")
-    names = list(dict.fromkeys(methods)) if methods else default_methods(model)
-    for name in names:
-        if name not in TUNABLE:
-            raise TokenSparseError(f"tune cannot search method {name!r}; tunable: {', '.join(TUNABLE)}")
-        if not TUNABLE[name].supports(model):
-            raise TokenSparseError(f"method {name!r} does not support this model")
+    names = check_methods(methods, model) or default_methods(model)
     if not names:
         raise TokenSparseError("no tunable method supports this model")
     dev = measurement_device(device)
@@ -887,7 +989,13 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
         rows = _finalists(best, setup.defaults, setup.cost)
         kept = _measure_finalists(model, rows, setup, batch_size, threads, dev, dtype, runs, progress)
     target = setup.target
-    notes = [f"schedules evaluated: {', '.join(f'{n} {counts[n]}' for n in names)}"]
+    notes = [f"schedules evaluated: {', '.join(f'{n} {counts[n]}' for n in names)}",
+             (f"images: {setup.search.size} screened on, {setup.select.size} chosen on, {setup.held.size} held out "
+              f"(every number reported)")]
+    if setup.held.size < FEW_HELD_OUT:
+        notes.append(f"only {setup.held.size} held-out image{'s' * (setup.held.size != 1)}: one image is "
+                     f"{100 / setup.held.size:.1f} points of agreement or top-1; give a folder of a few hundred "
+                     f"images for numbers to trust")
     if setup.target_row is not None:
         target = next(r for r in rows if r.spec == setup.target_row).speedup
         notes.append(f"target: {target_spec} measured {target:.2f}x in the final timing")
@@ -897,11 +1005,18 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
         notes.append("no schedule met the target in the final timing: the choice is the closest one found "
                      "(a larger budget searches further)")
     front = _pareto(rows, kind)
-    return TuneResult(rows, front, choice, target, kind, met, time.perf_counter() - t0, search_s, notes)
+    seconds = time.perf_counter() - t0
+    if seconds > 1.1 * budget * 60:
+        notes.append(f"the run took {seconds:.0f} s, over its budget of {budget * 60:.0f} s: the budget stops the "
+                     f"search early, but the setup (reading the images, the reference passes, timing the defaults: "
+                     f"{search_start - t0:.0f} s here) and measuring the finalists run whole")
+    return TuneResult(rows, front, choice, target, kind, met, seconds, search_s, notes, setup.held.features)
 
 
 FINALIST_METHODS = 3
 """Methods whose best schedule is timed for real (the best by screening KL)."""
+FEW_HELD_OUT = 50
+"""Fewer held-out images than this get a note: their numbers move by more than 2 points an image."""
 REFINED_METHODS = 2
 """Methods whose best shape is refined location by location (the best by screening KL)."""
 FRONT_LEVELS = (0.5, 0.75)
@@ -967,6 +1082,7 @@ def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, b
     speed-up is the median of the three. Returns each reduced row's per-image
     :func:`~tokensparse.measure.kept_logprob` on the selection images."""
     kept: dict[str, Tensor] = {}
+    score, per_image = scores_for(setup.held.features)
     with progress_bar("tune: finalists", len(rows) + 1, progress) as advance:
         for r in rows:
             if r.spec == BASELINE:
@@ -976,13 +1092,13 @@ def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, b
                 patch(model, r.spec)
                 r.gmacs = probe(model, setup.family, setup.size).gmacs
                 selected = setup.select.logits()
-                r.select_agreement, r.select_kl = fidelity(selected, setup.select_reference)
-                kept[r.spec] = kept_logprob(selected, setup.select_reference)
+                r.select_agreement, r.select_kl = score(selected, setup.select_reference)
+                kept[r.spec] = per_image(selected, setup.select_reference)
                 r.select_logp = kept[r.spec].mean().item()
                 logits = setup.held.logits()
                 unpatch(model)
-            r.agreement, r.kl = fidelity(logits, setup.held_reference)
-            if setup.held_labels is not None:
+            r.agreement, r.kl = score(logits, setup.held_reference)
+            if setup.held_labels is not None and not setup.held.features:
                 r.top1 = 100.0 * (logits.argmax(-1).cpu() == setup.held_labels).float().mean().item()
             advance()
         variants = build_variants(model, [r.spec for r in rows])
@@ -1100,8 +1216,10 @@ def plot_tune(result: TuneResult, out: str | Path | None = None, title: str = ""
     x_of = (lambda r: r.speedup) if speed else (lambda r: r.gmacs)
     fig = Figure(figsize=(11, 4.5))
     axes = fig.subplots(1, 2)
-    for ax, metric, label in ((axes[0], "kl", "mean KL(unreduced || reduced), held-out"),
-                              (axes[1], "agreement", "agreement with unreduced (%), held-out")):
+    labels = (("1 - mean cosine similarity to unreduced embeddings, held-out",
+               "nearest-neighbour agreement with unreduced (%), held-out") if result.features else
+              ("mean KL(unreduced || reduced), held-out", "agreement with unreduced (%), held-out"))
+    for ax, metric, label in ((axes[0], "kl", labels[0]), (axes[1], "agreement", labels[1])):
         front = sorted(result.front, key=x_of)
         ax.plot([x_of(r) for r in front], [getattr(r, metric) for r in front], "-", color="0.6", label="Pareto front")
         for role, style in (("path", {"marker": "o", "color": "tab:blue", "label": "searched"}),

@@ -44,12 +44,34 @@ FAMILIES: tuple[type, ...] = (ViTFamily, ConvNeXtFamily, SwinFamily, LevitFamily
 as their declarations, whose implementing modules load on first use)."""
 
 
+def wrapper_error(model: object) -> TokenSparseError | None:
+    """The error for what is not a model to patch but holds one (a compiled model, a DataParallel
+    wrapper, a CLIP / SigLIP model whose vision tower is the model), or is no module; else None."""
+    if not isinstance(model, nn.Module):
+        return TokenSparseError(f"model must be a torch.nn.Module, got a {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        return TokenSparseError("this model is compiled (torch.compile): patch the model before compiling it, "
+                                "tokensparse.patch(model, ...) then torch.compile(model)")
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return TokenSparseError(f"this is a {type(model).__name__} wrapper: patch the model inside it, "
+                                f"tokensparse.patch(wrapper.module, ...)")
+    if is_transformers_model(model) and not any(f.matches(model) for f in HF_FAMILIES):
+        tower = getattr(model, "vision_model", None)
+        if isinstance(tower, nn.Module) and any(f.matches(tower) for f in HF_FAMILIES):
+            return TokenSparseError(f"a {type(model).__name__} holds text and vision towers: patch its vision tower, "
+                                    f"tokensparse.patch(model.vision_model, ...)")
+    return None
+
+
 def get_family(model: nn.Module) -> TokenFamily | RoutedFamily:
     """The :class:`Family` of ``model`` (bound to it), or a clear error naming the supported ones.
 
     A model whose class comes from ``transformers`` gets its family from the matching
     ``hf_*.py`` module, imported here on first use (:func:`~tokensparse.families.hf.hf_family`).
     """
+    wrapped = wrapper_error(model)
+    if wrapped is not None:
+        raise wrapped
     if is_transformers_model(model):
         return hf_family(model)
     for family in FAMILIES:
@@ -85,4 +107,5 @@ __all__ = [
     "restore",
     "slot",
     "swap_class",
+    "wrapper_error",
 ]

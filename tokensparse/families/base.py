@@ -8,6 +8,7 @@ the slots name and puts every original class back, so no method needs its own re
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol, runtime_checkable
@@ -49,6 +50,24 @@ def ensure_slot(module: nn.Module) -> Slot:
     return s
 
 
+def _reduce_combined(self: nn.Module, protocol: int) -> tuple:
+    """Pickle a module of a :func:`combined_class` by its two bases (the class itself is made at run
+    time, so it cannot be found by name): ``torch.save`` of a patched model works."""
+    mixin, original = type(self).__bases__
+    return _new_combined, (mixin, original), self.__getstate__()
+
+
+def _new_combined(mixin: type, original: type) -> nn.Module:
+    cls = combined_class(mixin, original)
+    return cls.__new__(cls)
+
+
+@functools.cache
+def combined_class(mixin: type, original: type) -> type:
+    """The class with ``mixin``'s methods over ``original``'s (one per pair), picklable."""
+    return type(f"{mixin.__name__}_{original.__name__}", (mixin, original), {"__reduce_ex__": _reduce_combined})
+
+
 def swap_class(module: nn.Module, mixin: type, state: TokenState | None = None, index: int = 0) -> Slot:
     """Give ``module`` a subclass of its class with ``mixin``'s methods; returns its slot.
 
@@ -62,7 +81,7 @@ def swap_class(module: nn.Module, mixin: type, state: TokenState | None = None, 
     elif original in mixin.__mro__:
         new_cls = mixin
     else:
-        new_cls = type(f"{mixin.__name__}_{original.__name__}", (mixin, original), {})
+        new_cls = combined_class(mixin, original)
     s.original, s.state, s.index = original, state, index
     module.__class__ = new_cls
     return s
@@ -255,6 +274,8 @@ class TokenFamily(TimmParts):
     description: ClassVar[str] = ""
     reducible: ClassVar[bool] = True
     merges_ahead: ClassVar[bool] = False
+    class_token_models: ClassVar[bool | None] = None
+    """True: every model of the family has a class token; False: none has; None: it depends on the model."""
     pools: ClassVar[tuple[str, ...]] = ("model",)
     can_add_class_token: ClassVar[bool] = False
 

@@ -79,6 +79,7 @@ class HFViTFamily(HFFamily):
     description = ("Hugging Face transformers ViTModel, ViTForImageClassification, DeiTModel, "
                    "DeiTForImageClassification, DeiTForImageClassificationWithTeacher")
     module = "tokensparse.families.hf_vit"
+    class_token_models: ClassVar[bool | None] = True
     classes: ClassVar[dict[str, str]] = {"ViTModel": "", "ViTForImageClassification": "vit", "DeiTModel": "",
                "DeiTForImageClassification": "deit", "DeiTForImageClassificationWithTeacher": "deit"}
 
@@ -88,6 +89,7 @@ class HFDinov2Family(HFFamily):
     description = ("Hugging Face transformers Dinov2Model, Dinov2ForImageClassification, Dinov2WithRegistersModel, "
                    "Dinov2WithRegistersForImageClassification")
     module = "tokensparse.families.hf_dinov2"
+    class_token_models: ClassVar[bool | None] = True
     classes: ClassVar[dict[str, str]] = {"Dinov2Model": "", "Dinov2ForImageClassification": "dinov2", "Dinov2WithRegistersModel": "",
                "Dinov2WithRegistersForImageClassification": "dinov2_with_registers"}
 
@@ -97,6 +99,7 @@ class HFCLIPFamily(HFFamily):
     description = ("Hugging Face transformers CLIPVisionModel, CLIPVisionModelWithProjection, "
                    "CLIPForImageClassification (a CLIPModel's vision_model is a CLIPVisionModel)")
     module = "tokensparse.families.hf_clip"
+    class_token_models: ClassVar[bool | None] = True
     classes: ClassVar[dict[str, str]] = {"CLIPVisionModel": "", "CLIPVisionModelWithProjection": "vision_model",
                "CLIPForImageClassification": "vision_model"}
 
@@ -106,6 +109,7 @@ class HFSiglipFamily(HFFamily):
     description = ("Hugging Face transformers SiglipVisionModel, SiglipForImageClassification (a SiglipModel's "
                    "vision_model is a SiglipVisionModel); no class token")
     module = "tokensparse.families.hf_siglip"
+    class_token_models: ClassVar[bool | None] = False
     classes: ClassVar[dict[str, str]] = {"SiglipVisionModel": "", "SiglipForImageClassification": "vision_model"}
 
 

@@ -125,11 +125,9 @@ class HFTokenAttention(nn.Module):
         attend only to kept keys (and the query itself), multiplicatively so that gradients reach the
         mask (DynamicViT training: the one path that materialises the attention matrix)."""
         lay = self.layout
-        B, N, _ = x.shape
         D = int(self.head_dim)
-        q = getattr(self, lay.q)(x).view(B, N, -1, D).transpose(1, 2)
-        k = getattr(self, lay.k)(x).view(B, N, -1, D).transpose(1, 2)
-        v = getattr(self, lay.v)(x).view(B, N, -1, D).transpose(1, 2)
+        q, k, v = (getattr(self, name)(x) for name in (lay.q, lay.k, lay.v))
+        q, k, v = (heads(t, t.shape[-1] // D) for t in (q, k, v))
         scale = float(getattr(self, lay.scale))
         p = float(getattr(self, lay.dropout)) if self.training else 0.0
         probs = None
@@ -142,7 +140,7 @@ class HFTokenAttention(nn.Module):
         else:
             mask = None if bias is None else bias.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
-        out = getattr(self, lay.out)(out.transpose(1, 2).reshape(B, N, -1))
+        out = getattr(self, lay.out)(out.transpose(1, 2).flatten(2))
         return out, attention_extras(q, k, v, scale, bias, needs, probs)
 
     def forward_ahead(self, x: Tensor, norm: nn.Module, bias: Tensor | None, hook: BlockHook, state: TokenState,
@@ -184,6 +182,8 @@ class HFTokenLayer(nn.Module):
         state: TokenState = s.state
         x = hidden_states
         state.ensure_started(x)
+        if x.shape[0] == 0:  # an empty batch: nothing to reduce, the layer as it was
+            return super().forward(hidden_states, attention_mask, *args, **kwargs)
         attn, norm1 = getattr(self, lay.attn), getattr(self, lay.norm1)
         hook: BlockHook | None = self._modules.get(HOOK)
         if hook is None:
@@ -203,6 +203,13 @@ class HFTokenLayer(nn.Module):
 
 
 # ----------------------------------------------------------------------------- models
+
+def _holds_weights(part: Any) -> bool:
+    """Whether something patching added is, or holds, parameters (learned parts, not a method's hook)."""
+    if isinstance(part, nn.Parameter):
+        return True
+    return isinstance(part, nn.Module) and any(True for _ in part.parameters())
+
 
 def refuse_outputs(model: nn.Module, kwargs: dict[str, Any]) -> None:
     """Refuse per-layer outputs a reduced model cannot give (clear error, not silently empty tuples), and
@@ -247,6 +254,22 @@ class HFTokenModel(nn.Module):
     def ts_encoder(self) -> nn.Module:
         """The vision encoder inside this model (itself for an encoder)."""
         return resolve(self, self.__dict__["_ts"].config["encoder_path"])
+
+    def save_pretrained(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``save_pretrained``: the model's own weights. Refused while patching added
+        learned parts (DynamicViT's predictors): ``from_pretrained`` would drop them and return an
+        unpatched model. Save those with ``save_predictors`` and restore with ``patch``."""
+        added = [f"{name}.{part}" if name else part for name, m in self.named_modules()
+                 for part in (getattr(slot(m), "added", None) or []) if _holds_weights(getattr(m, part, None))]
+        if added:
+            method = self.__dict__["_ts"].config.get("method")
+            name = method.name if method is not None else "a tokensparse method"
+            raise TokenSparseError(
+                f"save_pretrained cannot keep what patching with {name} added ({len(added)} parts, e.g. {added[0]}): "
+                f"from_pretrained would drop them. Save them with tokensparse.methods.dynamicvit.save_predictors(model, "
+                f"'predictors.safetensors'), then tokensparse.unpatch(model) and model.save_pretrained(...); restore "
+                f"with from_pretrained(...) and tokensparse.patch(model, 'dynamicvit:predictors=predictors.safetensors')")
+        return super().save_pretrained(*args, **kwargs)
 
     def _set_gradient_checkpointing(self, enable: bool = True, *args: Any, **kwargs: Any) -> None:
         """Refused while patched (:func:`checkpointing_error`); disabling is allowed."""

@@ -28,13 +28,12 @@ def attention_extras(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor
                      needs: frozenset[str], probs: Tensor | None = None) -> AttentionExtras:
     """The :class:`AttentionExtras` fields named in ``needs`` from per-head ``q``, ``k``, ``v`` ``(B, H, N, D)``
     (and the attention probabilities ``probs`` ``(B, H, N, N)`` when the attention computed them)."""
-    B, _, N, _ = v.shape
     return AttentionExtras(
         received=probs.mean(dim=(1, 2)) if probs is not None and "received" in needs else None,
         cls_attn=class_attention(q, k, scale, bias) if "cls_attn" in needs else None,
         mean_attn=class_attention(q, k, scale, bias, query="mean") if "mean_attn" in needs else None,
         keys=k.mean(dim=1) if "keys" in needs else None,
-        value_norm=v.transpose(1, 2).reshape(B, N, -1).norm(dim=-1) if "value_norm" in needs else None,
+        value_norm=v.transpose(1, 2).flatten(2).norm(dim=-1) if "value_norm" in needs else None,
         attention=attention_matrix(q, k, scale, bias) if "attention" in needs else None,
     )
 
@@ -42,7 +41,7 @@ def attention_extras(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor
 def heads(t: Tensor, num_heads: int) -> Tensor:
     """``(B, N, H * D)`` to ``(B, H, N, D)``."""
     B, N, _ = t.shape
-    return t.view(B, N, num_heads, -1).transpose(1, 2)
+    return t.view(B, N, num_heads, t.shape[-1] // num_heads).transpose(1, 2)
 
 
 def attend_ahead(x: Tensor, norm: nn.Module, qk: Callable[[Tensor], tuple[Tensor, Tensor]],
@@ -100,7 +99,7 @@ class TokenAttention(Attention):
             if bias is not None:
                 attn = attn + bias
             out = self.attn_drop(attn.softmax(dim=-1)) @ v
-        out = out.transpose(1, 2).reshape(B, N, -1)
+        out = out.transpose(1, 2).flatten(2)
         out = self.norm(out)
         if gate is not None:
             out = out * gate
@@ -139,6 +138,8 @@ class TokenBlock(Block):
         s = self.__dict__["_ts"]
         state: TokenState = s.state
         state.ensure_started(x)
+        if x.shape[0] == 0:  # an empty batch: nothing to reduce, the block as it was
+            return super().forward(x)
         hook: BlockHook | None = self._modules.get(HOOK)
         if hook is None:
             y, _ = self.attn.forward_tokens(self.norm1(x), state.attn_bias(), state.attn_policy())
@@ -156,19 +157,65 @@ class TokenBlock(Block):
         return hook.after(x, state, s.index)
 
 
+def token_weights(state: TokenState, start: int) -> Tensor | None:
+    """``(B, N - start, 1)`` what each token from ``start`` on stands for in pooling, or None when
+    every token counts once: the training keep mask (prefix tokens kept) or the token sizes."""
+    if state.policy is not None:
+        return state.attn_policy()[:, start:].unsqueeze(-1)
+    if state.size is not None:
+        return state.size[:, start:]
+    return None
+
+
 def pool_tokens(x: Tensor, state: TokenState, num_prefix: int) -> Tensor | None:
-    """Average of the patch tokens ``x[:, P:]`` weighted by what each one stands for, or None if unweighted.
+    """Average of the tokens ``x[:, num_prefix:]`` weighted by what each one stands for, or None if unweighted.
 
     Weights: the training keep mask (dropped tokens do not count) or the token sizes
     (merged tokens count once per patch they hold).
     """
-    P = num_prefix
+    w = token_weights(state, num_prefix)
+    if w is None:
+        return None
+    total = w.sum(dim=1)
+    return (x[:, num_prefix:] * w).sum(dim=1) / (total.clamp_min(1.0) if state.policy is not None else total)
+
+
+def max_tokens(x: Tensor, state: TokenState, start: int) -> Tensor:
+    """Maximum over the tokens ``x[:, start:]`` that count (a masked token does not)."""
+    x = x[:, start:]
     if state.policy is not None:
-        return (x[:, P:] * state.policy).sum(dim=1) / state.policy.sum(dim=1).clamp_min(1.0)
-    if state.size is not None:
-        w = state.size[:, P:]
-        return (x[:, P:] * w).sum(dim=1) / w.sum(dim=1)
-    return None
+        x = x.masked_fill(state.attn_policy()[:, start:].unsqueeze(-1) == 0, float("-inf"))
+    return x.amax(dim=1)
+
+
+def latent_pool(pool: nn.Module, x: Tensor, weights: Tensor | None, masked: bool) -> Tensor:
+    """timm's ``AttentionPoolLatent`` (attention pooling, ``global_pool='map'``) on ``x`` ``(B, N, C)``
+    with the latent queries' attention to each token weighted: sizes ``weights`` ``(B, N, 1)`` enter
+    as a ``log(size)`` key bias (proportional attention: a merged token weighs as the patches it
+    holds), a training keep mask (``masked``) multiplies the attention, renormalised."""
+    if weights is None:
+        return pool(x)
+    if pool.pos_embed is not None:
+        raise TokenSparseError("this model's attention pooling adds a position embedding per token, which a "
+                               "reduced token set cannot take; use a token reduction that keeps every token "
+                               "(or a model without attn_pool.pos_embed)")
+    B, N, C = x.shape
+    q = pool.q(pool.latent.expand(B, -1, -1)).reshape(B, pool.latent_len, pool.num_heads, pool.head_dim).transpose(1, 2)
+    k, v = pool.kv(x).reshape(B, N, 2, pool.num_heads, pool.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = pool.q_norm(q), pool.k_norm(k)
+    w = weights.squeeze(-1).reshape(B, 1, 1, N).float()
+    if masked:
+        attn = ((q.float() * pool.scale) @ k.float().transpose(-2, -1)).softmax(dim=-1) * w
+        attn = attn / (attn.sum(dim=-1, keepdim=True) + 1e-12)
+    else:
+        attn = attention_probs(q, k, pool.scale, w.log()).float()
+    out = (attn.to(v.dtype) @ v).transpose(1, 2).reshape(B, pool.latent_len, C)
+    out = pool.proj_drop(pool.proj(out))
+    if pool.mlp is not None:
+        out = out + pool.mlp(pool.norm(out))
+    if pool.pool == "token":
+        return out[:, 0]
+    return out.mean(1) if pool.pool == "avg" else out
 
 
 def embed_tokens(model: VisionTransformer, x: Tensor) -> Tensor:
@@ -230,16 +277,23 @@ class TokenVisionTransformer(VisionTransformer):
         super().set_grad_checkpointing(False)
 
     def pool(self, x: Tensor, pool_type: str | None = None) -> Tensor:
-        """``state.pool == "mean"``: the final norm of the mean of the patch tokens; average pooling
-        weighted by token size (or the training keep mask); every other pool is timm's."""
+        """``state.pool == "mean"``: the final norm of the mean of the patch tokens. Otherwise timm's
+        pooling with each token weighted by what it stands for once tokens were merged or masked
+        (:func:`token_weights`): size-weighted averages (``avg``, the mean half of ``avgmax``, with
+        or without the prefix tokens), attention pooling (``map``) with a ``log(size)`` key bias,
+        and masked tokens left out of ``max``; the class token (``token``) needs nothing."""
         state: TokenState = self.__dict__["_ts"].state
         if state.pool == "mean":
             return self.norm(x[:, self.num_prefix_tokens:].mean(dim=1))
+        start = 0 if self.pool_include_prefix else self.num_prefix_tokens
+        if self.attn_pool is not None:
+            return latent_pool(self.attn_pool, x[:, start:], token_weights(state, start), state.policy is not None)
         pool_type = self.global_pool if pool_type is None else pool_type
-        if self.attn_pool is None and pool_type == "avg" and not self.pool_include_prefix:
-            pooled = pool_tokens(x, state, self.num_prefix_tokens)
-            if pooled is not None:
-                return pooled
+        if pool_type in ("avg", "avgmax", "max") and token_weights(state, start) is not None:
+            if pool_type == "max":
+                return max_tokens(x, state, start)
+            mean = pool_tokens(x, state, start)
+            return mean if pool_type == "avg" else 0.5 * (max_tokens(x, state, start) + mean)
         return super().pool(x, pool_type)
 
     def forward_intermediates(
@@ -317,6 +371,11 @@ class ViTFamily(TokenFamily):
         return bool(getattr(self.model, "has_class_token", False))
 
     @property
+    def has_head(self) -> bool:
+        """Whether the model outputs class logits (``num_classes=0``: pooled features, no classifier)."""
+        return int(getattr(self.model, "num_classes", 0)) > 0
+
+    @property
     def head_pools_tokens(self) -> bool:
         """Whether the head is timm's token pooling (``pool`` applies), not a model's own head."""
         return type(self.model).forward_head is VisionTransformer.forward_head
@@ -372,5 +431,8 @@ __all__ = [
     "attention_extras",
     "block_hook",
     "checkpointing_error",
+    "latent_pool",
+    "max_tokens",
     "pool_tokens",
+    "token_weights",
 ]

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from ..api import patch
-from ..data import ImageNetFolder, dataset_files, input_size, scan_images, split_dataset
+from ..data import ImageNetFolder, UnlabelledImages, dataset_files, input_size, scan_images, split_dataset
 from ..errors import TokenSparseError
 from ..methods import get_method
 from ..spec import parse_spec
 from ..utils import progress_bar
 from ._common import check_finite_parameters, measurement_device
 from .accuracy import evaluate_many
+from .embedding import embed_many, embedding_fidelity, is_classifier
 from .flops import gmacs
 from .runtimes import prepare_runtime
 from .speed import num_threads, speedup_range, throughput, timed_runs
@@ -27,7 +28,7 @@ from .speed import num_threads, speedup_range, throughput, timed_runs
 BASELINE = "none"
 """The name of the unreduced model among the variants (``--method none``)."""
 
-METRICS = ("gmacs", "img_per_s", "latency_ms", "speedup", "top1", "top5", "agreement", "speedup_low",
+METRICS = ("gmacs", "img_per_s", "latency_ms", "speedup", "top1", "top5", "agreement", "cosine", "speedup_low",
            "speedup_high", "compile_s", "eager_speedup", "eager_latency_ms")
 """The keys of every entry :func:`measure_variants` returns."""
 
@@ -80,8 +81,11 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
     milliseconds of one batch, so ``batch_size=1`` gives the latency; ``speedup`` relative to
     the baseline, ``speedup_low`` / ``speedup_high`` the lowest and highest speed-up in one
     round, :func:`speedup_range`), and with ``images`` top-1, top-5 and agreement with the
-    baseline in one pass over the folder (:func:`evaluate_many`, first ``limit`` images);
-    without ``images`` the accuracy values are None. Models are moved to ``device``; their
+    baseline in one pass over the folder (:func:`evaluate_many`, first ``limit`` images); for
+    a feature extractor (no classifier: :func:`~tokensparse.measure.embedding.is_classifier`)
+    ``agreement`` is the neighbour agreement and ``cosine`` the mean cosine similarity of the
+    embeddings to the baseline's, from any images under ``images`` (no labels:
+    :func:`~tokensparse.measure.embedding.embedding_fidelity`); without ``images`` these are None. Models are moved to ``device``; their
     train/eval mode is restored.
 
     ``runtime`` (:data:`~tokensparse.measure.runtimes.RUNTIMES`): what is timed: the models
@@ -101,8 +105,10 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
         raise TokenSparseError(f"baseline {baseline_key!r} is not one of the models: {', '.join(models)}")
     dev = measurement_device(device)
     check_finite_parameters(models, {baseline_key: f"the unreduced model ({baseline_key!r})"})
+    features = not is_classifier(models[baseline_key])
     if images is not None:
-        files = dataset_files(split_dataset(ImageNetFolder(images, wnids), limit=limit))
+        folder = UnlabelledImages(images) if features else ImageNetFolder(images, wnids)
+        files = dataset_files(split_dataset(folder, limit=limit))
         with progress_bar("checking images", len(files), progress) as advance:
             scan_images(files, progress=advance)
     out: dict[str, dict[str, float | None]] = {name: dict.fromkeys(METRICS) for name in models}
@@ -133,7 +139,12 @@ def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,
             eager_ips = speed[eager_key(name)]
             out[name].update(eager_speedup=eager_ips / speed[eager_key(baseline_key)],
                              eager_latency_ms=1000.0 * batch_size / eager_ips)
-    if images is not None:
+    if images is not None and features:
+        embeddings = embed_many(models, images, batch_size=batch_size, device=device, limit=limit, progress=progress)
+        for name, emb in embeddings.items():
+            agreement, cosine = embedding_fidelity(emb, embeddings[baseline_key])
+            out[name].update(agreement=agreement, cosine=cosine)
+    elif images is not None:
         accuracy: dict[str, Any] = evaluate_many(
             models, images, wnids, reference_key=baseline_key, batch_size=batch_size,
             device=device, limit=limit, progress=progress)

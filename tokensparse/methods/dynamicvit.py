@@ -303,8 +303,9 @@ def save_predictors(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def read_predictors(path: str | Path) -> dict[str, dict[str, Tensor]]:
-    """``{part name: state dict}`` from a file written by :func:`save_predictors`."""
+def read_predictors(path: str | Path, family: str | None = None) -> dict[str, dict[str, Tensor]]:
+    """``{part name: state dict}`` from a file written by :func:`save_predictors`; with ``family``, an
+    error if the file was written for another model family (its tensors could fit, silently wrong)."""
     p = Path(path).expanduser()
     if not p.is_file():
         what = "is a directory, not a file" if p.is_dir() else "not found"
@@ -321,6 +322,10 @@ def read_predictors(path: str | Path) -> dict[str, dict[str, Tensor]]:
         raise TokenSparseError(
             f"{str(p)!r} is not a DynamicViT predictors file (write one with "
             f"tokensparse.methods.dynamicvit.save_predictors or 'tokensparse calibrate')")
+    saved_family = meta.get("family")
+    if family is not None and saved_family is not None and saved_family != family:
+        raise TokenSparseError(f"predictors file {str(p)!r} was calibrated on a {saved_family} model; this is a "
+                               f"{family} model: calibrate predictors for it ('tokensparse calibrate')")
     out: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         parts = key.split(".", 3)
@@ -330,9 +335,10 @@ def read_predictors(path: str | Path) -> dict[str, dict[str, Tensor]]:
     return out
 
 
-def load_predictors(parts: dict[str, nn.Module], path: str | Path) -> None:
-    """Load a predictors file into ``parts`` (see :func:`learned_modules`); clear error if it does not fit."""
-    saved = read_predictors(path)
+def load_predictors(parts: dict[str, nn.Module], path: str | Path, family: str | None = None) -> None:
+    """Load a predictors file into ``parts`` (see :func:`learned_modules`) of a model of ``family``
+    (its name); clear error if it does not fit."""
+    saved = read_predictors(path, family)
     if sorted(saved) != sorted(parts):
         raise TokenSparseError(
             f"predictors file {str(path)!r} holds {', '.join(sorted(saved))}, but the method is configured "
@@ -411,13 +417,13 @@ class DynamicViT(Method):
         depth = len(family.blocks)
         return self.schedule(depth, spatial=True, default_locations=family.default_locations(depth))
 
-    def _finish_parts(self, model: nn.Module, parts: dict[str, nn.Module]) -> None:
+    def _finish_parts(self, model: nn.Module, parts: dict[str, nn.Module], family: str) -> None:
         """Move new parts to the model's device, dtype and mode; load a predictors file into them."""
         ref = next(model.parameters())
         for module in parts.values():
             module.to(ref.device, ref.dtype).train(model.training)
         if self.config["predictors"] is not None:
-            load_predictors(parts, self.config["predictors"])
+            load_predictors(parts, self.config["predictors"], family)
 
     def prepare(self, model: nn.Module, family: TokenFamily | RoutedFamily) -> Callable[[], None]:
         family.check(self.name)
@@ -425,7 +431,7 @@ class DynamicViT(Method):
         gumbel = self.config["gumbel"]
         if isinstance(family, TokenFamily):  # a pruner before each location
             pruners = {b: TokenPruner(family.width(), r, gumbel) for b, r in sched.items()}
-            self._finish_parts(model, {f"blocks.{b}.predictor": m.predictor for b, m in pruners.items()})
+            self._finish_parts(model, {f"blocks.{b}.predictor": m.predictor for b, m in pruners.items()}, family.name)
             for m in pruners.values():
                 m.train(model.training)
             return lambda: family.install(TokenState(num_prefix=family.num_prefix, keep_features=True), pruners)
@@ -435,7 +441,7 @@ class DynamicViT(Method):
         fast = {i: FastPath(dim) for i in range(min(sched), len(family.blocks))}
         parts = {f"blocks.{b}.predictor": m.predictor for b, m in routers.items()}
         parts.update({f"blocks.{i}.fast": m for i, m in fast.items()})
-        self._finish_parts(model, parts)
+        self._finish_parts(model, parts, family.name)
         for m in routers.values():
             m.train(model.training)
         return lambda: family.install(TokenState(keep_features=True), routers, fast)
