@@ -11,18 +11,14 @@ On 250 images one image is 0.4 points of top-1 or agreement.
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 import torch
+from shared_args import MODEL, add_shared_args  # this folder: run as a script
 
 from tokensparse.api import patch, unpatch
 from tokensparse.measure import fidelity, gmacs
 from tokensparse.models import create_model
 from tokensparse.tune import _load_images
-
-ROOT = Path(os.environ.get("TOKENSPARSE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
-MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
 
 
 def logits_of(model: torch.nn.Module, images: torch.Tensor, batch: int = 50) -> torch.Tensor:
@@ -33,10 +29,7 @@ def logits_of(model: torch.nn.Module, images: torch.Tensor, batch: int = 50) -> 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("specs", nargs="+")
-    p.add_argument("--weights", type=Path, default=ROOT / "weights" / f"{MODEL}.safetensors")
-    p.add_argument("--images", type=Path, default=ROOT / "data" / "imagenet-sample" / "images")
-    p.add_argument("--wnids", type=Path, default=ROOT / "data" / "imagenet-sample" / "wnids.txt")
-    p.add_argument("--threads", type=int, default=2)
+    add_shared_args(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(MODEL, weights=args.weights).eval()

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 
 import torch
-from dynamicvit_calibrate import MODEL, ROOT, logits_of  # this folder: run as a script
+from dynamicvit_calibrate import MODEL, logits_of  # this folder: run as a script
+from shared_args import add_shared_args
 from torch import Tensor
 
 import tokensparse
@@ -129,10 +129,7 @@ def pruned_logits(model: torch.nn.Module, images: Tensor, scores: dict[int, Tens
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", type=Path, default=ROOT / "weights" / f"{MODEL}.safetensors")
-    p.add_argument("--images", type=Path, default=ROOT / "data" / "imagenet-sample" / "images")
-    p.add_argument("--wnids", type=Path, default=ROOT / "data" / "imagenet-sample" / "wnids.txt")
-    p.add_argument("--threads", type=int, default=2)
+    add_shared_args(p)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(MODEL, weights=args.weights).eval()

@@ -55,9 +55,9 @@ record overhead_limit python benchmarks/overhead_limit.py --method tome:r=13 --m
 
 # ViT-Tiny accuracy on the 500 shared images
 record vit_tiny_accuracy tokensparse bench --model vit_tiny_patch16_224.augreg_in21k_ft_in1k --weights "$W" \
-  --images "$I/images" --wnids "$I/wnids.txt" --threads 2 --method tome:r=13 --method evit:keep_rate=0.7 \
-  --method topk:keep_rate=0.7 --method ppt --method evovit --method evovit:keep_rate=0.7 \
-  --json "$OUT/vit_tiny_accuracy.json"
+  --images "$I/images" --wnids "$I/wnids.txt" --threads 2 --method tome:r=13 --method mctf \
+  --method evit:keep_rate=0.7 --method topk:keep_rate=0.7 --method ppt --method evovit --method evovit:keep_rate=0.7 \
+  --json "$OUT/vit_tiny_accuracy.json" --overwrite
 python benchmarks/hf_convert_vit_tiny.py --weights "$W" --out "$OUT/.vit-tiny-hf" > /dev/null
 record hf_vit_tiny_bench tokensparse bench --model "hf:$OUT/.vit-tiny-hf" --images "$I/images" --wnids "$I/wnids.txt" \
   --threads 2 --batch-size 64 --json "$OUT/hf_vit_tiny_bench.json"

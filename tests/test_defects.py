@@ -39,15 +39,18 @@ def _error(capsys, argv: list[str], *fragments: str) -> str:
     return line
 
 
+def save_images(root, images: dict[str, torch.Tensor]):
+    """Write ``{name: (H, W, 3) values in [0, 1]}`` as PNG files in a new folder ``root``."""
+    root.mkdir()
+    for name, img in images.items():
+        Image.fromarray((img.clamp(0, 1) * 255).to(torch.uint8).numpy()).save(root / f"{name}.png")
+    return root
+
+
 @pytest.fixture()
 def photos(tmp_path):
-    root = tmp_path / "photos"
-    root.mkdir()
     g = torch.Generator().manual_seed(0)
-    for i in range(3):
-        arr = (torch.rand(40, 40, 3, generator=g) * 255).to(torch.uint8).numpy()
-        Image.fromarray(arr).save(root / f"img{i}.png")
-    return root
+    return save_images(tmp_path / "photos", {f"img{i}": torch.rand(40, 40, 3, generator=g) for i in range(3)})
 
 
 # ----------------------------------------------------------------------------- 1: nothing the user had is replaced
@@ -311,15 +314,10 @@ def test_save_pretrained_refuses_to_drop_learned_parts_and_the_documented_round_
 @pytest.fixture()
 def eight_photos(tmp_path):
     """Eight images of four kinds (two noisy copies of each), so that nearest neighbours are clear."""
-    root = tmp_path / "eight"
-    root.mkdir()
     g = torch.Generator().manual_seed(1)
-    for k in range(4):
-        base = torch.rand(48, 48, 3, generator=g)
-        for j in range(2):
-            img = (base + 0.05 * torch.rand(48, 48, 3, generator=g)).clamp(0, 1)
-            Image.fromarray((img * 255).to(torch.uint8).numpy()).save(root / f"kind{k}_{j}.png")
-    return root
+    kinds = [torch.rand(48, 48, 3, generator=g) for _ in range(4)]
+    return save_images(tmp_path / "eight", {f"kind{k}_{j}": base + 0.05 * torch.rand(48, 48, 3, generator=g)
+                                            for k, base in enumerate(kinds) for j in range(2)})
 
 
 FEATURE_MODELS = {

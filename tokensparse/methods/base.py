@@ -93,6 +93,15 @@ def check_count(value: Any, name: str, minimum: int = 0) -> int:
     return value
 
 
+def block_counts(values: Sequence[Any], depth: int, name: str = "r") -> list[int]:
+    """A per-block count list (``r`` of ToMe, MCTF), checked, with zeros for the blocks after it."""
+    if len(values) > depth:
+        raise TokenSparseError(f"{name} has {len(values)} entries but the model has {depth} blocks")
+    for v in values:
+        check_count(v, name)
+    return list(values) + [0] * (depth - len(values))
+
+
 def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TokenSparseError(f"{name} must be true or false, got {value!r}")

@@ -45,7 +45,7 @@ from ..errors import TokenSparseError
 from ..families import AheadMerge, AttentionExtras
 from ..ops import group_weights, mctf_assignment, mctf_scores, sum_tokens
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, TokenReducer, check_bool, check_choice, check_count
+from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_bool, check_choice, check_count
 
 POOLINGS = ("attention", "size", "mean")
 """How merged tokens are averaged: by attention received x size (the authors' setting, their
@@ -135,11 +135,7 @@ class MCTFReducer(TokenReducer):
 def mctf_schedule(r: Any, depth: int) -> list[int]:
     """Per-block ``r``: a list as given (zeros after it), an int in blocks 1..depth-1, None the default."""
     if isinstance(r, (list, tuple)):
-        if len(r) > depth:
-            raise TokenSparseError(f"r has {len(r)} entries but the model has {depth} blocks")
-        for v in r:
-            check_count(v, "r")
-        return list(r) + [0] * (depth - len(r))
+        return block_counts(r, depth)
     r = default_r(depth) if r is None else r
     return [0] + [r] * (depth - 1)
 

@@ -6,11 +6,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import TokenSparseError
 from ..families import AttentionExtras
 from ..ops import bipartite_soft_matching, merge_assignment, merge_tokens
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, TokenReducer, check_bool, check_choice, check_count
+from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_bool, check_choice, check_count
 
 
 def merge_patch_tokens(x: Tensor, metric: Tensor, r: int, state: TokenState) -> Tensor:
@@ -63,11 +62,7 @@ def tome_schedule(r: Any, depth: int, schedule: str) -> list[int]:
     ``1.5 r`` in the first block falling linearly to ``0.5 r`` in the last (ToMe's inflection -0.5).
     """
     if isinstance(r, (list, tuple)):
-        if len(r) > depth:
-            raise TokenSparseError(f"r has {len(r)} entries but the model has {depth} blocks")
-        for v in r:
-            check_count(v, "r")
-        return list(r) + [0] * (depth - len(r))
+        return block_counts(r, depth)
     if schedule == "constant" or depth == 1:
         return [r] * depth
     hi, lo = 1.5 * r, 0.5 * r
