@@ -30,7 +30,7 @@ def patch(model: nn.Module, method: str, **options: Any) -> nn.Module:
     instance = cls(**{**spec_options, **options})
     family = get_family(model)
     if not cls.supports_family(type(family)):
-        why = " (it needs a class token, and they have no class token)" \
+        why = f" (it needs a class token, and {family.name} models have no class token)" \
             if getattr(family, "class_token_models", None) is False else ""
         raise TokenSparseError(
             f"method '{name}' does not support {family.name} models{why}; it supports: "

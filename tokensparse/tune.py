@@ -72,6 +72,7 @@ from .measure import (
     embedding_of,
     fidelity,
     gmacs,
+    is_classifier,
     kept_logprob,
     timed_runs,
 )
@@ -837,7 +838,7 @@ def _setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids: str
     if len(select_x) == 0:
         raise TokenSparseError(f"tune needs at least 4 images (to search, select and hold out), found {len(x)}")
     with progress_bar("tune: setup", 4, progress) as advance:
-        features = not family.has_head
+        features = not is_classifier(model)
         search = Evaluator(model, family, _batches(screen_x, batch_size), dev, amp, resume=True, features=features)
         select = Evaluator(model, family, _batches(select_x, batch_size), dev, amp, features=features)
         held = Evaluator(model, family, _batches(held_x, batch_size), dev, amp, features=features)

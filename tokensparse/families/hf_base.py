@@ -208,7 +208,7 @@ def _holds_weights(part: Any) -> bool:
     """Whether something patching added is, or holds, parameters (learned parts, not a method's hook)."""
     if isinstance(part, nn.Parameter):
         return True
-    return isinstance(part, nn.Module) and any(True for _ in part.parameters())
+    return isinstance(part, nn.Module) and next(part.parameters(), None) is not None
 
 
 def refuse_outputs(model: nn.Module, kwargs: dict[str, Any]) -> None:

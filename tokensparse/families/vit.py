@@ -56,12 +56,13 @@ def attend_ahead(x: Tensor, norm: nn.Module, qk: Callable[[Tensor], tuple[Tensor
     sum over its members). Returns the attention output before the output projection ``(B, N', H * D)``
     and the merged tokens ``(B, N', C)``.
     """
-    q, k = qk(norm(x))
+    h = norm(x)
+    q, k = qk(h)
     probs = attention_probs(q, k, scale, bias)
     merge = hook.merge_ahead(x, probs, state, block)
     H = q.shape[1]
     if merge is None:
-        out = dropout(probs) @ heads(values(norm(x)), H)
+        out = dropout(probs) @ heads(values(h), H)
         return out.transpose(1, 2).flatten(2), x
     v = gather_tokens(values(norm(merge.x)), merge.assign)
     out = (dropout(probs) @ heads(v, H)).transpose(1, 2).flatten(2)

@@ -43,10 +43,8 @@ def get_method(name: str) -> type[Method]:
 
 
 def supported_families(method: type[Method]) -> tuple[str, ...]:
-    """Names of the families ``method`` works on (a method that needs a class token leaves out
-    families whose models have none)."""
-    return tuple(f.name for f in FAMILIES if method.supports_family(f)
-                 and not (method.needs_class_token and getattr(f, "class_token_models", None) is False))
+    """Names of the families ``method`` works on."""
+    return tuple(f.name for f in FAMILIES if method.supports_family(f))
 
 
 def method_info(method: type[Method]) -> MethodInfo:

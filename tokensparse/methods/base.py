@@ -54,8 +54,10 @@ class Method:
     @classmethod
     def supports_family(cls, family: type) -> bool:
         """Whether the method works on models of ``family`` (a family class). Default: token
-        families whose blocks accept any token subset."""
-        return issubclass(family, TokenFamily) and family.reducible
+        families whose blocks accept any token subset, but not a family whose models have no class
+        token for a method that needs one."""
+        return issubclass(family, TokenFamily) and family.reducible and not (
+            cls.needs_class_token and family.class_token_models is False)
 
     def supports(self, model: nn.Module) -> bool:
         """Whether this method can be applied to ``model``."""

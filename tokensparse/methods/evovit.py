@@ -334,8 +334,7 @@ class EvoViT(Method):
     @classmethod
     def supports_family(cls, family: type) -> bool:
         """Token families, but those whose models have no class token and cannot take one."""
-        return issubclass(family, TokenFamily) and (
-            getattr(family, "class_token_models", None) is not False or family.can_add_class_token)
+        return issubclass(family, TokenFamily) and (family.class_token_models is not False or family.can_add_class_token)
 
     def supports(self, model: nn.Module) -> bool:
         """Any token family with a class token, or one that can take a new one (LeViT)."""

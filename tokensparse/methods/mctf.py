@@ -43,7 +43,7 @@ from torch import Tensor
 
 from ..errors import TokenSparseError
 from ..families import AheadMerge, AttentionExtras
-from ..ops import group_weights, mctf_assignment, mctf_scores, sum_tokens
+from ..ops import group_weights, mctf_assignment, mctf_scores, sum_tokens, with_prefix
 from ..state import TokenState
 from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_bool, check_choice, check_count
 
@@ -99,9 +99,8 @@ class MCTFReducer(TokenReducer):
             return None
         received = received.detach().float()
         scores, a_start = mctf_scores(x.detach(), received, state.size, P, *self.taus)
-        assign = mctf_assignment(scores, r, a_start, sort_unmerged=P > 0, bidirectional=self.bidirectional)
-        if P:
-            assign = torch.cat([torch.arange(P, device=x.device).expand(x.shape[0], -1), assign + P], dim=1)
+        assign = with_prefix(mctf_assignment(scores, r, a_start, sort_unmerged=P > 0, bidirectional=self.bidirectional),
+                             P)
         size = state.sizes(x).float()
         if self.pooling == "attention":
             w = received.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).tiny) * size
