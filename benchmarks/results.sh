@@ -118,7 +118,7 @@ for run in 1 2 3; do
 done
 # fidelity to the authors' code: needs their logits, made outside this repository (see mctf_fidelity.txt)
 if [ -n "${MCTF_REFERENCE:-}" ]; then
-  record mctf_fidelity python benchmarks/mctf_fidelity.py "none=$MCTF_REFERENCE/ref_r0.pt" \
+  record mctf_fidelity python benchmarks/authors_fidelity.py "none=$MCTF_REFERENCE/ref_r0.pt" \
     "mctf:r=16,one_step_ahead=true=$MCTF_REFERENCE/ref_r16_osa1.pt" \
     "mctf:r=16,one_step_ahead=false=$MCTF_REFERENCE/ref_r16_osa0.pt"
 fi

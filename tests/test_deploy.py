@@ -68,7 +68,8 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
     "hf-siglip": lambda: T.SiglipVisionModel(T.SiglipVisionConfig(**HF, intermediate_size=64)),
 }
 SIZE = {"levit": 64, "convnext": 128, "swin": 128}
-VIT_METHODS = ["topk", "evit", "tome:r=2", "mctf:r=[4]", "mctf:one_step_ahead=true", "ppt:r=3", "evovit", "dynamicvit"]
+VIT_METHODS = ["topk", "evit", "tome:r=2", "mctf:r=[4]", "mctf:one_step_ahead=true", "ppt:r=3", "evovit", "dynamicvit",
+               "tofu:r=2,switch=1", "pitome:r=2", "diffrate:prune_kept=[12,10],merge_kept=[10,8]", "zerotprune:r=2"]
 MIX = "ppt:locations=[0],r=3+tome:r=[0,2]"
 CASES = [
     *[("vit", m) for m in VIT_METHODS], ("vit", MIX),
@@ -76,6 +77,7 @@ CASES = [
     ("convnext", "dynamicvit"), ("swin", "dynamicvit"),
     *[(f, m) for f in ("hf-vit", "hf-dinov2", "hf-clip") for m in VIT_METHODS],
     ("hf-siglip", "tome:r=2"), ("hf-siglip", "mctf:one_step_ahead=true"), ("hf-siglip", "dynamicvit"),
+    ("hf-siglip", "tofu:r=2,switch=1"), ("hf-siglip", "pitome:r=2"), ("hf-siglip", "zerotprune:r=2"),
 ]
 ONNX_CASES = [
     *[("vit", m) for m in VIT_METHODS], ("vit", MIX),

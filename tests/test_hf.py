@@ -83,10 +83,10 @@ BUILDERS = {
 PREFIX = {"DeiT": 2, "Dinov2WithRegisters": 4, "Siglip": 0}  # by class-name prefix; others 1
 FAMILY_OF = {"ViT": "hf-vit", "DeiT": "hf-vit", "Dinov2": "hf-dinov2", "CLIP": "hf-clip", "Siglip": "hf-siglip"}
 EXACT = ["topk:keep_rate=1", "evit:keep_rate=1", "tome:r=0", "mctf:r=0", "ppt:r=0", "evovit:keep_rate=1.0",
-         "dynamicvit:rho=1"]
-METHODS = ["topk", "evit", "tome", "mctf", "ppt", "evovit", "dynamicvit"]
+         "dynamicvit:rho=1", "tofu:r=0", "pitome:ratio=1.0", "zerotprune:r=0"]
+METHODS = ["topk", "evit", "tome", "mctf", "ppt", "evovit", "dynamicvit", "tofu", "pitome", "diffrate", "zerotprune"]
 SPECS = [*METHODS, "mctf:one_step_ahead=true"]  # each method at its defaults, and MCTF's other form
-CLASS_TOKEN_METHODS = {"topk", "evit", "ppt", "evovit"}
+CLASS_TOKEN_METHODS = {"topk", "evit", "ppt", "evovit", "diffrate"}
 
 
 def num_prefix(name: str) -> int:

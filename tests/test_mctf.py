@@ -1,7 +1,7 @@
 """MCTF: each criterion and the bidirectional matching on hand-checkable cases, the one-step-ahead
 attention against the authors' formulation (merged attention matrix), exactness, shapes, gradients.
 
-Fidelity to the authors' code on real weights is ``benchmarks/mctf_fidelity.py``
+Fidelity to the authors' code on real weights is ``benchmarks/authors_fidelity.py``
 (``benchmarks/results/mctf_fidelity.txt``); real-weights accuracy is in ``test_accuracy.py``.
 """
 from __future__ import annotations

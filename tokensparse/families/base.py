@@ -126,7 +126,9 @@ class AttentionExtras:
     ``attention``: ``(B, N, N)`` the whole attention matrix averaged over heads (O(N^2): for
     analysis and calibration targets, never a method's eval path); ``received``: ``(B, N)`` the
     mean attention each token receives, over heads and queries (MCTF's informativeness: the
-    block's attention then runs on explicit probabilities, which it needs anyway).
+    block's attention then runs on explicit probabilities, which it needs anyway); ``probs``:
+    ``(B, H, N, N)`` each head's attention probabilities (Zero-TPrune's attention graph: the block's
+    attention runs on them too, see :data:`EXPLICIT`).
     """
     cls_attn: Tensor | None = None
     mean_attn: Tensor | None = None
@@ -134,9 +136,13 @@ class AttentionExtras:
     value_norm: Tensor | None = None
     attention: Tensor | None = None
     received: Tensor | None = None
+    probs: Tensor | None = None
 
 
-EXTRAS = frozenset({"cls_attn", "mean_attn", "keys", "value_norm", "attention", "received"})
+EXTRAS = frozenset({"cls_attn", "mean_attn", "keys", "value_norm", "attention", "received", "probs"})
+EXPLICIT = frozenset({"received", "probs"})
+"""Extras computed from the attention probabilities themselves: a block asked for one runs its
+attention on explicit probabilities (not the fused kernel) and reuses them."""
 
 
 class AheadMerge(NamedTuple):

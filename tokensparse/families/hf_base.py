@@ -39,7 +39,7 @@ from transformers.utils.generic import can_return_tuple
 from ..errors import TokenSparseError
 from ..ops import attention_probs, policy_softmax
 from ..state import TokenState
-from .base import HOOK, AttentionExtras, BlockHook, attach, model_state, slot, swap_class
+from .base import EXPLICIT, HOOK, AttentionExtras, BlockHook, attach, model_state, slot, swap_class
 from .hf import SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, HFFamily
 from .vit import attend_ahead, attention_extras, heads, pool_tokens
 
@@ -134,7 +134,7 @@ class HFTokenAttention(nn.Module):
         if keep is not None:
             weights = policy_softmax((q * scale) @ k.transpose(-2, -1), keep)
             out = F.dropout(weights, p, self.training).to(v.dtype) @ v
-        elif "received" in needs:
+        elif needs & EXPLICIT:
             probs = attention_probs(q, k, scale, bias)
             out = F.dropout(probs, p, self.training) @ v
         else:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from ..errors import TokenSparseError
 from ..ops import attention_matrix, attention_probs, class_attention, gather_tokens, policy_softmax, sum_tokens
 from ..state import TokenState
-from .base import HOOK, AttentionExtras, BlockHook, TokenFamily, attach, block_hook, slot, swap_class
+from .base import EXPLICIT, HOOK, AttentionExtras, BlockHook, TokenFamily, attach, block_hook, slot, swap_class
 
 
 def attention_extras(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None,
@@ -30,6 +30,7 @@ def attention_extras(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor
     (and the attention probabilities ``probs`` ``(B, H, N, N)`` when the attention computed them)."""
     return AttentionExtras(
         received=probs.mean(dim=(1, 2)) if probs is not None and "received" in needs else None,
+        probs=probs if "probs" in needs else None,
         cls_attn=class_attention(q, k, scale, bias) if "cls_attn" in needs else None,
         mean_attn=class_attention(q, k, scale, bias, query="mean") if "mean_attn" in needs else None,
         keys=k.mean(dim=1) if "keys" in needs else None,
@@ -88,7 +89,7 @@ class TokenAttention(Attention):
         if keep is not None:
             weights = policy_softmax((q * self.scale) @ k.transpose(-2, -1), keep)
             out = self.attn_drop(weights).to(v.dtype) @ v
-        elif "received" in needs:
+        elif needs & EXPLICIT:
             probs = attention_probs(q, k, self.scale, bias)
             out = self.attn_drop(probs) @ v
         elif self.fused_attn:

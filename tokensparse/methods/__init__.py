@@ -8,15 +8,20 @@ from torch import nn
 from ..errors import TokenSparseError
 from ..families import FAMILIES
 from .base import Method, OptionInfo
+from .diffrate import DiffRate
 from .dynamicvit import DynamicViT
 from .evovit import EvoViT
 from .mctf import MCTF
 from .mix import Mix
+from .pitome import PiToMe
 from .ppt import PPT
+from .tofu import ToFu
 from .tome import ToMe
 from .topk import EViT, TopK
+from .zerotprune import ZeroTPrune
 
-REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe, MCTF, PPT, EvoViT, DynamicViT, Mix)}
+REGISTRY: dict[str, type[Method]] = {m.name: m for m in (TopK, EViT, ToMe, MCTF, ToFu, PiToMe, DiffRate, ZeroTPrune, PPT, EvoViT,
+                                                   DynamicViT, Mix)}
 Mix.registry = REGISTRY
 
 

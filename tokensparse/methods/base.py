@@ -6,10 +6,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from ..errors import TokenSparseError
 from ..families import AttentionExtras, BlockHook, TokenFamily, get_family
+from ..ops import gather_tokens, group_weights, keep_assignment, prefix_assignment, sum_tokens
 from ..state import TokenState
 
 
@@ -199,9 +201,47 @@ class BlockReducerMethod(Method):
         """``{block: reducer}`` for a model of ``depth`` blocks."""
         raise NotImplementedError
 
+    def reducers_for(self, family: Any) -> dict[int, TokenReducer]:
+        """``{block: reducer}`` for ``family``'s model: :meth:`build_reducers` of its depth (a method whose
+        counts depend on the patch grid overrides this)."""
+        return self.build_reducers(family.depth)
+
     def prepare(self, model: nn.Module, family: Any) -> Callable[[], None]:
         family.check(self.name)
         if self.needs_class_token:
             family.require_class_token(self.name)
-        reducers = self.build_reducers(family.depth)
+        reducers = self.reducers_for(family)
         return lambda: family.install(TokenState(num_prefix=family.num_prefix, prop_attn=self.prop_attn), reducers)
+
+
+# ----------------------------------------------------------------------------- applying a reduction
+
+def prune_to(x: Tensor, keep: Tensor, state: TokenState) -> Tensor:
+    """Keep the tokens ``keep`` ``(B, K)`` (full-sequence indices, prefix first) of ``x``, drop the
+    rest; updates ``state`` (sizes gathered, dropped patches mapped to -1)."""
+    state.update(keep_assignment(keep, x.shape[1], state.num_prefix),
+                 None if state.size is None else gather_tokens(state.size, keep))
+    return gather_tokens(x, keep)
+
+
+def merge_patches(x: Tensor, assign: Tensor, n: int, state: TokenState, weight: Tensor | None = None,
+                  size: Tensor | None = None,
+                  pool: Callable[[Tensor, Tensor, Tensor, int], Tensor] | None = None) -> Tensor:
+    """Merge the patch tokens of ``x`` ``(B, N, C)`` into ``n`` groups by ``assign`` ``(B, N - P)`` (a patch
+    map, every entry in ``0..n-1``); prefix tokens stay first and untouched.
+
+    Each group is the average of its members weighted by ``weight`` ``(B, N - P, 1)`` (default their
+    sizes), or ``pool(x, size, assign, n)`` of the patch tokens when given; the new sizes are the
+    sums of ``size`` ``(B, N - P, 1)`` (default the sizes). Updates ``state``.
+    """
+    P = state.num_prefix
+    sizes = state.sizes(x)
+    patch_size = sizes[:, P:] if size is None else size
+    xp = x[:, P:]
+    if pool is not None:
+        merged = pool(xp, sizes[:, P:], assign, n)
+    else:
+        w = sizes[:, P:] if weight is None else weight
+        merged = sum_tokens(xp * group_weights(w, assign, n).to(x.dtype), assign, n)
+    state.update(prefix_assignment(assign, P), torch.cat([sizes[:, :P], sum_tokens(patch_size, assign, n)], dim=1))
+    return torch.cat([x[:, :P], merged], dim=1)

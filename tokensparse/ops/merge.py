@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .mctf import sum_tokens
 from .select import add_tokens_, gather_tokens
 
 
@@ -79,3 +80,50 @@ def merge_assignment(plan: MergePlan, n: int) -> Tensor:
     assign[:, plan.a_start::2] = assign_a
     assign[:, 1 - plan.a_start::2] = assign_b
     return assign
+
+
+def group_assignment(n: int, kept: Tensor | None, into: Tensor | None, src: Tensor | None = None,
+                     dst: Tensor | None = None) -> Tensor:
+    """Old-to-new map ``(B, n)`` over ``n`` tokens: ``kept`` ``(B, k)`` positions stay as themselves
+    (new indices ``0..k-1``, in the order given), ``into`` ``(B, m)`` positions follow (``k..k+m-1``),
+    and each of the positions ``src`` ``(B, r)`` joins the ``into`` token ``dst`` ``(B, r)`` (an index
+    into ``into``). Every other position maps to -1 (dropped). Either of ``kept`` / ``into`` may be None.
+    """
+    ref = next(t for t in (kept, into) if t is not None)
+    B, dev = ref.shape[0], ref.device
+    assign = torch.full((B, n), -1, dtype=torch.long, device=dev)
+    k = 0
+    if kept is not None:
+        k = kept.shape[1]
+        assign.scatter_(1, kept, torch.arange(k, device=dev).expand(B, -1))
+    if into is not None:
+        assign.scatter_(1, into, torch.arange(into.shape[1], device=dev).expand(B, -1) + k)
+        if src is not None and dst is not None:
+            assign.scatter_(1, src, dst + k)
+    return assign
+
+
+def prefix_assignment(assign: Tensor, num_prefix: int) -> Tensor:
+    """A patch-token map ``(B, n)`` (-1: dropped) as a map over the whole sequence, prefix tokens first and kept."""
+    if num_prefix == 0:
+        return assign
+    shifted = torch.where(assign < 0, assign, assign + num_prefix)
+    prefix = torch.arange(num_prefix, device=assign.device).expand(assign.shape[0], -1)
+    return torch.cat([prefix, shifted], dim=1)
+
+
+def pairwise_cosine(a: Tensor, b: Tensor | None = None) -> Tensor:
+    """Cosine similarity ``(B, n, m)`` between tokens ``a`` ``(B, n, C)`` and ``b`` ``(B, m, C)`` (None: ``a``), in float32."""
+    a = F.normalize(a.float(), dim=-1)
+    b = a if b is None else F.normalize(b.float(), dim=-1)
+    return a @ b.transpose(-1, -2)
+
+
+def mlerp_tokens(x: Tensor, size: Tensor, assign: Tensor, n: int) -> Tensor:
+    """ToFu's MLERP merge ``(B, n, C)`` of the tokens ``x`` ``(B, N, C)`` that ``assign`` ``(B, N)`` groups:
+    the size-weighted average, rescaled to the largest norm among the group's members (the
+    average's direction, the norm of the largest input), so merging does not shrink the norm."""
+    avg = sum_tokens(x * size, assign, n) / sum_tokens(size, assign, n)
+    norms = x.norm(dim=-1)
+    top = norms.new_zeros(x.shape[0], n).scatter_reduce(1, assign, norms, reduce="amax", include_self=False)
+    return avg * (top / avg.norm(dim=-1).clamp_min(torch.finfo(avg.dtype).tiny)).unsqueeze(-1)

@@ -1,15 +1,15 @@
-"""MCTF against its authors' code: the same top-1 on the shared images?
+"""A method against its authors' code: the same top-1 on the shared images?
 
-    python benchmarks/mctf_fidelity.py SPEC=LOGITS [SPEC=LOGITS ...] [--threads 2]
+    python benchmarks/authors_fidelity.py SPEC=LOGITS [SPEC=LOGITS ...] [--threads 2]
 
-Each ``LOGITS`` file is a ``torch.save``d ``(500, 1000)`` tensor of the authors' model
-(mlvlab/MCTF, ``models/deit.py``'s ``deit_tiny`` with the shared ViT-Tiny weights loaded,
-``model(images, r_eval=r)``) on the shared images in ``tokensparse.tune``'s order, preprocessed by
-timm's data config for the weights, made in a scratch folder outside this repository (their
-code is not part of tokensparse; ``benchmarks/results/mctf_fidelity.txt`` says how). For each
-spec: the share of images on which ``tokensparse``'s ``mctf`` predicts the same class, top-1 of
-both against the labels, the largest logit difference, how many images differ by more than
-1e-3 in some logit (a near-tie in the matching's sort going the other way), and GMACs.
+Each ``LOGITS`` file is a ``torch.save``d ``(500, 1000)`` tensor of the authors' model (their code
+patching timm's ViT-Tiny with the shared weights loaded) on the shared images in
+``tokensparse.tune``'s order, preprocessed by timm's data config for the weights, made in a
+scratch folder outside this repository (their code is not part of tokensparse; each result file,
+``benchmarks/results/{mctf,pitome,diffrate}_fidelity.txt``, says how). For each spec: the share of
+images on which ``tokensparse`` predicts the same class, top-1 of both against the labels, the
+largest logit difference, how many images differ by more than 1e-3 in some logit (a near-tie in a
+sort going the other way), and GMACs.
 """
 from __future__ import annotations
 

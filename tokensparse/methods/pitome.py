@@ -1,0 +1,141 @@
+"""PiToMe: merge tokens by an energy score that protects the isolated ones (Tran et al., NeurIPS 2024).
+
+Follows the authors' code (hchautran/PiToMe, commit 550b5de: ``algo/pitome/merge.py``,
+``pitome_vision``, ``pitome_bsm`` and ``pitome``; ``algo/pitome/patch/timm.py`` and ``deit.py``):
+
+- in each block, after the attention residual, the patch tokens' keys (averaged over heads)
+  give the cosine similarities ``sim``, and each token an energy ``mean_j elu(sim_ij - m)``
+  (:func:`~tokensparse.ops.energy_scores`): high for a token in a dense cluster, low for an
+  isolated, informative one. The margin ``m`` falls with depth: ``0.75 (1 - i / depth)`` in block ``i``;
+- ``r = floor(n - n * ratio)`` of the ``n`` patch tokens merge per block;
+- in the first ``ceil(depth / 2)`` blocks the tokens, ranked by falling energy, alternate into sets
+  A and B, and ToMe's bipartite matching merges the ``r`` A tokens most similar to their best B
+  token (their ``pitome_bsm``);
+- in the later blocks the ``2 r`` highest-energy tokens alternate into A and B, every A token
+  merges into its most similar B token, and the other tokens are protected (their ``pitome``);
+- merged tokens are size-weighted averages and sizes add up (their ``merge_wavg``).
+
+Where we differ: proportional attention is on by default (``prop_attn``): the authors' timm patch
+computes the sizes but never passes them to the attention (``self.attn(self.norm1(x))``), so
+their image models run without it; ``prop_attn=false`` is their code. ``r`` (a count per block)
+may replace ``ratio``, which :func:`tune` uses. Prefix tokens are never merged (their code strips
+the class token only).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from torch import Tensor
+
+from ..errors import TokenSparseError
+from ..families import AttentionExtras
+from ..ops import energy_scores, group_assignment, pairwise_cosine
+from ..state import TokenState
+from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_bool, check_count, merge_patches
+
+
+def _cross(sim: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``sim[b, rows[b]][:, cols[b]]`` ``(B, len(rows), len(cols))``."""
+    B, n, _ = sim.shape
+    picked = sim.gather(1, rows.unsqueeze(-1).expand(B, rows.shape[1], n))
+    return picked.gather(2, cols.unsqueeze(1).expand(B, rows.shape[1], cols.shape[1]))
+
+
+def pitome_assignment(sim: Tensor, r: int, margin: float, alpha: float, bsm: bool) -> Tensor:
+    """Patch map ``(B, n)`` for merging ``r`` of ``n`` tokens with cosine similarities ``sim`` ``(B, n, n)``.
+
+    New order as the authors' code: with ``bsm``, the A tokens left (by falling match score) then
+    set B; without, the protected tokens (by falling energy) then set B.
+    """
+    n = sim.shape[1]
+    order = energy_scores(sim, margin, alpha).argsort(dim=-1, descending=True)
+    if bsm:
+        a_idx, b_idx = order[:, ::2], order[:, 1::2]
+        best, partner = _cross(sim, a_idx, b_idx).max(dim=-1)
+        edge = best.argsort(dim=-1, descending=True)
+        return group_assignment(n, a_idx.gather(1, edge[:, r:]), b_idx, a_idx.gather(1, edge[:, :r]),
+                                partner.gather(1, edge[:, :r]))
+    merge_idx = order[:, :2 * r]
+    a_idx, b_idx = merge_idx[:, ::2], merge_idx[:, 1::2]
+    dst = _cross(sim, a_idx, b_idx).argmax(dim=-1)
+    return group_assignment(n, order[:, 2 * r:], b_idx, a_idx, dst)
+
+
+class PiToMeReducer(TokenReducer):
+    """Merge ``r`` (or ``floor(n - n * ratio)``) patch tokens by energy-guided matching."""
+    needs = frozenset({"keys"})
+
+    def __init__(self, r: int | None, ratio: float, margin: float, alpha: float, bsm: bool) -> None:
+        super().__init__()
+        self.r, self.ratio, self.margin, self.alpha, self.bsm = r, ratio, margin, alpha, bsm
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, ratio={self.ratio}, margin={self.margin:.4g}, alpha={self.alpha}, bsm={self.bsm}"
+
+    @property
+    def idle(self) -> bool:
+        return self.r == 0 if self.r is not None else self.ratio >= 1.0
+
+    def count(self, n: int) -> int:
+        """Tokens merged out of ``n`` patch tokens: ``r``, or the authors' ``floor(n - n * ratio)``; at most ``n // 2``."""
+        r = self.r if self.r is not None else (math.floor(n - n * self.ratio) if self.ratio < 1.0 else 0)
+        return max(0, min(r, n // 2))
+
+    def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+        P = state.num_prefix
+        n = x.shape[1] - P
+        r = self.count(n)
+        if r > 0:
+            assign = pitome_assignment(pairwise_cosine(extras.keys[:, P:]), r, self.margin, self.alpha, self.bsm)
+            x = merge_patches(x, assign, n - r, state)
+        state.record(block, x)
+        return x
+
+
+def check_number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
+    """A number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        low < value if low_open else low <= value) and value <= high
+    if not ok:
+        raise TokenSparseError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}")
+    return float(value)
+
+
+class PiToMe(BlockReducerMethod):
+    name = "pitome"
+    summary = ("PiToMe: merge the tokens with the highest energy (many close neighbours), protecting isolated "
+               "ones (training-free)")
+    options = (
+        OptionInfo("ratio", 0.9, "share of the patch tokens kept in every block, in [0.5, 1] (the authors' knob)"),
+        OptionInfo("r", None, "tokens merged per block (an int, or a list with one entry per block); replaces ratio"),
+        OptionInfo("margin", 0.75, "energy margin in block 0, falling linearly to 0 at the depth (the authors')"),
+        OptionInfo("alpha", 1.0, "ELU alpha of the energy"),
+        OptionInfo("bsm_blocks", None, "how many first blocks merge by energy-ordered bipartite matching; "
+                                       "default ceil(depth / 2) (the authors')"),
+        OptionInfo("prop_attn", True, "proportional attention (the authors' timm patch: off)"),
+    )
+
+    def validate(self) -> None:
+        c = self.config
+        check_number(c["ratio"], "ratio", 0.5, 1.0)
+        if c["r"] is not None and not isinstance(c["r"], (list, tuple)):
+            check_count(c["r"], "r")
+        check_number(c["margin"], "margin", -1.0, 1.0)
+        check_number(c["alpha"], "alpha", 0.0, math.inf, low_open=True)
+        if c["bsm_blocks"] is not None:
+            check_count(c["bsm_blocks"], "bsm_blocks")
+        check_bool(c["prop_attn"], "prop_attn")
+        self.prop_attn = c["prop_attn"]
+
+    def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
+        c = self.config
+        r = c["r"]
+        rs: list[int | None]
+        if r is None:
+            rs = [None] * depth
+        else:
+            rs = list(block_counts(r, depth)) if isinstance(r, (list, tuple)) else [r] * depth
+        bsm = math.ceil(depth * 0.5) if c["bsm_blocks"] is None else c["bsm_blocks"]
+        return {i: PiToMeReducer(rs[i], c["ratio"], c["margin"] * (1 - i / depth), c["alpha"], i < bsm)
+                for i in range(depth)}

@@ -1,0 +1,121 @@
+"""Zero-TPrune: prune by importance from the attention graph, then by similarity (Wang et al., CVPR 2024).
+
+There is no official code; this follows the paper:
+
+- I-stage: each head's attention probabilities are a graph; the weighted PageRank
+  (:func:`~tokensparse.ops.weighted_pagerank`) iterates ``s_j <- sum_i A_ij s_i`` from the uniform
+  score: 30 iterations in the first three blocks, 5 in the middle ones, 1 in the last three (the
+  paper: 30-50, 5-10 and 1, "to ensure convergence"; we take the cheap end);
+- the heads are aggregated by root mean square (emphasizing the informative region), leaving
+  out heads whose score variance lies outside ``[0.01, 0.7]`` (the variance-based head filter; the
+  paper does not say on what scale the variance is taken: we take it of ``n * s``, the score
+  relative to the uniform one, where those bounds separate flat from one-token heads);
+- S-stage: the patch tokens, ranked by importance, are split into the more important half and
+  the less important half; each token of the less important half is matched to its most similar
+  token of the other half (cosine of the keys, averaged over heads), and the ``r`` with the
+  highest similarity are pruned;
+- the kept tokens are ordered by importance (the ranking the next block starts from).
+
+Pruned tokens are dropped (no merging, so no sizes and no proportional attention). Prefix tokens
+take part in the attention graph but are never pruned. The attention graph needs the attention
+probabilities, so a reducing block runs its attention on them instead of the fused kernel.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import TokenSparseError
+from ..families import AttentionExtras
+from ..ops import head_filtered_importance, pairwise_cosine, weighted_pagerank, with_prefix
+from ..state import TokenState
+from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_count, prune_to
+from .pitome import check_number
+
+
+def default_iterations(depth: int) -> list[int]:
+    """The paper's PageRank iterations per block: 30 in the first three, 1 in the last three, 5 between."""
+    return [30 if i < 3 else 1 if i >= depth - 3 else 5 for i in range(depth)]
+
+
+def zerotprune_keep(importance: Tensor, keys: Tensor, r: int) -> Tensor:
+    """Patch positions kept ``(B, n - r)``, by falling importance, after pruning ``r`` of the less important
+    half: those most similar (cosine of ``keys`` ``(B, n, D)``) to a token of the more important half."""
+    n = importance.shape[1]
+    order = importance.argsort(dim=-1, descending=True)
+    top, low = order[:, :n - n // 2], order[:, n - n // 2:]
+    B, D = keys.shape[0], keys.shape[-1]
+    k_top = keys.gather(1, top.unsqueeze(-1).expand(B, top.shape[1], D))
+    k_low = keys.gather(1, low.unsqueeze(-1).expand(B, low.shape[1], D))
+    best = pairwise_cosine(k_low, k_top).amax(dim=-1)
+    stay = best.argsort(dim=-1, descending=True)[:, r:].sort(dim=-1).values  # positions in `low`, by importance
+    return torch.cat([top, low.gather(1, stay)], dim=1)
+
+
+class ZeroTPruneReducer(TokenReducer):
+    """Prune ``r`` patch tokens: PageRank importance over the attention graph, then similarity."""
+    needs = frozenset({"probs", "keys"})
+
+    def __init__(self, r: int, iterations: int, var_min: float, var_max: float) -> None:
+        super().__init__()
+        self.r, self.iterations, self.var_min, self.var_max = r, iterations, var_min, var_max
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, iterations={self.iterations}, var=[{self.var_min}, {self.var_max}]"
+
+    @property
+    def idle(self) -> bool:
+        return self.r == 0
+
+    def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+        P = state.num_prefix
+        n = x.shape[1] - P
+        r = min(self.r, n // 2)
+        if r > 0:
+            scores = weighted_pagerank(extras.probs.detach().float(), self.iterations)[:, :, P:]
+            importance = head_filtered_importance(scores, self.var_min, self.var_max)
+            keep = zerotprune_keep(importance, extras.keys[:, P:].detach(), r)
+            x = prune_to(x, with_prefix(keep, P), state)
+        state.record(block, x)
+        return x
+
+
+class ZeroTPrune(BlockReducerMethod):
+    name = "zerotprune"
+    summary = ("Zero-TPrune: rank tokens by weighted PageRank on the attention graph, prune the less important "
+               "ones most similar to an important one (training-free)")
+    options = (
+        OptionInfo("r", 13, "tokens pruned per block: an int, or a list with one entry per block"),
+        OptionInfo("iterations", None, "PageRank iterations: an int, or one per block; default 30 in the first "
+                                       "three blocks, 1 in the last three, 5 between (the paper's)"),
+        OptionInfo("var_min", 0.01, "head filter: heads whose score variance is below this are left out"),
+        OptionInfo("var_max", 0.7, "head filter: heads whose score variance is above this are left out"),
+    )
+
+    def validate(self) -> None:
+        c = self.config
+        if not isinstance(c["r"], (list, tuple)):
+            check_count(c["r"], "r")
+        it = c["iterations"]
+        if it is not None:
+            for v in (it if isinstance(it, (list, tuple)) else [it]):
+                check_count(v, "iterations", minimum=1)
+        check_number(c["var_min"], "var_min", 0.0, float("inf"))
+        check_number(c["var_max"], "var_max", 0.0, float("inf"))
+        if c["var_max"] < c["var_min"]:
+            raise TokenSparseError(f"var_max ({c['var_max']}) must not be below var_min ({c['var_min']})")
+
+    def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
+        c = self.config
+        r = c["r"]
+        rs = block_counts(r, depth) if isinstance(r, (list, tuple)) else [r] * depth
+        it = c["iterations"]
+        if it is None:
+            its = default_iterations(depth)
+        elif isinstance(it, (list, tuple)):
+            if len(it) != depth:
+                raise TokenSparseError(f"iterations has {len(it)} entries but the model has {depth} blocks")
+            its = list(it)
+        else:
+            its = [it] * depth
+        return {i: ZeroTPruneReducer(rs[i], its[i], c["var_min"], c["var_max"]) for i in range(depth) if rs[i] > 0}

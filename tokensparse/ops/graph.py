@@ -1,0 +1,41 @@
+"""Token scores computed over the whole token graph: PiToMe's energy, Zero-TPrune's weighted PageRank.
+
+Pure tensor functions on patch tokens (callers split off prefix tokens).
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def energy_scores(sim: Tensor, margin: float, alpha: float = 1.0) -> Tensor:
+    """PiToMe's energy ``(B, n)`` of each token from cosine similarities ``sim`` ``(B, n, n)``:
+    ``mean_j elu(sim_ij - margin, alpha)`` (self included, as the authors' ``pitome_vision``).
+    High energy: a token with many close neighbours, safe to merge."""
+    return F.elu(sim - margin, alpha=alpha).mean(dim=-1)
+
+
+def weighted_pagerank(probs: Tensor, iterations: int) -> Tensor:
+    """Zero-TPrune's weighted PageRank ``(B, H, N)`` on each head's attention graph ``probs`` ``(B, H, N, N)``
+    (row ``i``: how query ``i`` attends to every key): starting from ``1 / N``, ``iterations`` times
+    ``s_j <- sum_i probs_ij s_i``: a token is important when important tokens attend to it."""
+    N = probs.shape[-1]
+    s = probs.new_full(probs.shape[:-1], 1.0 / N).unsqueeze(-2)  # (B, H, 1, N)
+    for _ in range(iterations):
+        s = s @ probs
+    return s.squeeze(-2)
+
+
+def head_filtered_importance(scores: Tensor, var_min: float, var_max: float) -> Tensor:
+    """Zero-TPrune's importance ``(B, n)`` from per-head scores ``(B, H, n)``: heads whose score variance,
+    relative to the uniform score (``var(n * s)``), lies outside ``[var_min, var_max]`` are left out
+    (variance-based head filter), the rest aggregated by root mean square (emphasizing the
+    informative region). When no head passes the filter, every head counts."""
+    n = scores.shape[-1]
+    var = (scores * n).var(dim=-1)
+    keep = ((var >= var_min) & (var <= var_max)).to(scores.dtype)
+    keep = keep + (keep.sum(dim=-1, keepdim=True) == 0).to(scores.dtype)  # no head passes: all count
+    return ((scores ** 2 * keep.unsqueeze(-1)).sum(dim=1) / keep.sum(dim=-1, keepdim=True)).sqrt()
+
+
+__all__ = ["energy_scores", "head_filtered_importance", "weighted_pagerank"]
