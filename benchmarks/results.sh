@@ -127,3 +127,21 @@ T14="[0,14,14,14,14,14,14,14,14,14,14,14]"
 record mctf_faithfulness python benchmarks/fidelity_table.py none tome:r=13 "tome:r=$T14" ppt \
   mctf:r=16,one_step_ahead=true mctf:r=15,one_step_ahead=true mctf:r=14,one_step_ahead=true \
   mctf:r=16,one_step_ahead=false mctf:r=17,one_step_ahead=false mctf:r=18,one_step_ahead=false
+
+# ToFu, PiToMe, DiffRate, Zero-TPrune (issue 28). Reduction work against ToMe's at the same token counts
+DR13="diffrate:prune_kept=[189,176,163,150,137,124,111,98,85,72,59,46],merge_kept=[183,170,157,144,131,118,105,92,79,66,53,40]"
+for run in 1 2 3; do
+  record "overhead_limit_post_tome_run$run" python benchmarks/overhead_limit.py --method tome:r=13 --method tofu:r=13 \
+    --method pitome:r=13 --method "$DR13" --method zerotprune:r=13
+done
+# every method at ~0.73 and ~0.80 GMACs: top-1, agreement, KL, speed-up; the plot docs/leaderboard.png
+record leaderboard python benchmarks/leaderboard.py
+# fidelity to the authors' code: needs their logits, made outside this repository (see {pitome,diffrate}_fidelity.txt)
+if [ -n "${POST_TOME_REFERENCE:-}" ]; then
+  R=$POST_TOME_REFERENCE
+  record pitome_fidelity python benchmarks/authors_fidelity.py "pitome:ratio=0.9,prop_attn=false=$R/pitome_0.9.pt" \
+    "pitome:ratio=0.95,prop_attn=false=$R/pitome_0.95.pt"
+  record diffrate_fidelity python benchmarks/authors_fidelity.py \
+    "diffrate:prune_kept=[196,196,195,193,187,183,177,163,155,136,128,20],merge_kept=[196,196,195,189,185,153,147,155,144,134,124,20]=$R/diffrate_1.0.pt" \
+    "diffrate:prune_kept=[196,196,195,185,165,146,116,102,91,79,73,2],merge_kept=[196,195,189,171,153,124,106,95,83,77,69,2]=$R/diffrate_0.8.pt"
+fi

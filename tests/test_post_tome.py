@@ -89,16 +89,18 @@ def test_energy_is_the_mean_elu_of_the_shifted_similarity():
     torch.testing.assert_close(e, torch.full((1, 2), float(want)))
 
 
+CLUSTER = unit(0, 2, 4, 6, 90, 180)  # tokens 0-3 a tight cluster (high energy), 4 and 5 isolated (low energy)
+
+
 def _cluster_sim() -> torch.Tensor:
-    # tokens 0-3 a tight cluster (high energy), 4 and 5 isolated (low energy)
-    return pairwise_cosine(unit(0, 2, 4, 6, 90, 180))
+    return pairwise_cosine(CLUSTER)
 
 
 def test_pitome_merges_inside_the_cluster_and_protects_isolated_tokens():
     sim = _cluster_sim()
     order = energy_scores(sim, 0.5).argsort(dim=-1, descending=True)[0].tolist()
     assert set(order[:4]) == {0, 1, 2, 3}
-    assign = pitome_assignment(sim, 2, margin=0.5, alpha=1.0, bsm=False)[0]
+    assign = pitome_assignment(CLUSTER, 2, margin=0.5, alpha=1.0, bsm=False)[0]
     a, b = order[:4][::2], order[:4][1::2]
     protected = order[4:]
     assert [assign[t].item() for t in protected] == [0, 1]  # protected first, by falling energy
@@ -112,7 +114,7 @@ def test_pitome_merges_inside_the_cluster_and_protects_isolated_tokens():
 def test_pitome_bsm_alternates_by_energy_and_merges_the_best_matches():
     sim = _cluster_sim()
     order = energy_scores(sim, 0.5).argsort(dim=-1, descending=True)[0].tolist()
-    assign = pitome_assignment(sim, 1, margin=0.5, alpha=1.0, bsm=True)[0]
+    assign = pitome_assignment(CLUSTER, 1, margin=0.5, alpha=1.0, bsm=True)[0]
     a, b = order[::2], order[1::2]
     best = {t: max(sim[0, t, j].item() for j in b) for t in a}
     merged = max(a, key=lambda t: best[t])
@@ -253,3 +255,62 @@ def test_listed_with_their_families():
     for name in NEW:
         assert "vit" in infos[name].families and "hf-vit" in infos[name].families
     assert "hf-siglip" not in infos["diffrate"].families and "hf-siglip" in infos["zerotprune"].families
+
+
+# ----------------------------------------------------------------------------- DiffRate's learned rates
+
+def test_rate_choice_rounds_up_the_expected_count_and_its_mask_carries_the_gradient():
+    from tokensparse.methods.diffrate import RateChoice
+
+    rate = RateChoice(8, granularity=2)  # candidates 8, 6, 4, 2, uniform: expected 5
+    assert rate.candidates.tolist() == [8.0, 6.0, 4.0, 2.0]
+    kept = rate.kept()
+    assert kept.item() == 5.0
+    kept.backward()
+    torch.testing.assert_close(rate.logits.grad, rate.candidates * 0.25 - 5 * 0.25)  # d E / d logits
+    mask = rate.mask(5, 8, 8)
+    assert mask.detach().tolist() == [1, 1, 1, 1, 1, 0, 0, 0]
+    rate.logits.grad = None
+    mask[6].backward()  # rank 6 is kept by the candidate 8 alone: its probability's gradient
+    assert rate.logits.grad[0] > 0 and (rate.logits.grad[1:] < 0).all()
+
+
+def test_ste_min_and_the_gmacs_model():
+    from tokensparse.train.diffrate import GMACsModel, ste_min
+
+    n, a, b = torch.tensor(10.0), torch.tensor(7.0, requires_grad=True), torch.tensor(9.0, requires_grad=True)
+    out = ste_min(n, a, b)
+    out.backward()
+    assert out.item() == 7.0 and a.grad.item() == 1.0 and b.grad.item() == 1.0
+    cost = GMACsModel(1.0, depth=2, tokens=5, dim=4, hidden=16)
+    assert cost.of([None, None], 1).item() == pytest.approx(1.0)
+    fewer = cost.of([None, (torch.tensor(1.0), torch.tensor(1.0))], 1)  # block 1's MLP on 2 tokens
+    assert fewer.item() == pytest.approx(1.0 - (cost.mlp(5.0) - cost.mlp(2.0)) / 1e9)
+
+
+def test_calibrate_diffrate_learns_counts_toward_the_target(tmp_path, capsys):
+    from tokensparse.cli import main
+    from tokensparse.measure import gmacs
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    from PIL import Image
+    for i in range(6):
+        Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy()).save(root / f"{i}.png")
+    full = gmacs(timm.create_model("test_vit"))
+    target = round(0.8 * full, 4)
+    rc = main(["calibrate", "--model", "test_vit", "--images", str(root), "--method", "diffrate", "--gmacs",
+               str(target), "--epochs", "2", "--batch-size", "3", "--out", str(tmp_path / "spec.txt")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    spec = (tmp_path / "spec.txt").read_text().strip()
+    assert spec.startswith("diffrate:prune_kept=[") and spec in out.out
+    model = tokensparse.patch(timm.create_model("test_vit").eval(), spec)
+    assert gmacs(model) < full  # it learned to remove tokens
+    assert model(torch.randn(1, 3, 160, 160)).shape == (1, 1000)
+    assert main(["calibrate", "--model", "test_vit", "--images", str(root), "--method", "diffrate"]) == 2
+    assert "--gmacs" in capsys.readouterr().err
+    assert main(["calibrate", "--model", "test_vit", "--images", str(root), "--method", "diffrate", "--gmacs",
+                 str(2 * full)]) == 2
+    assert "not below the unreduced" in capsys.readouterr().err

@@ -24,12 +24,16 @@ from tokensparse.tune import (
     TUNABLE,
     Candidate,
     CostModel,
+    DiffRateKnob,
     EvoViTKnob,
     MCTFKnob,
     MixKnob,
+    PiToMeKnob,
     PPTKnob,
+    ToFuKnob,
     ToMeKnob,
     TopKKnob,
+    ZeroTPruneKnob,
     beyond_noise,
     probe,
     refines,
@@ -58,7 +62,8 @@ def photos(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- schedules as specs
 
-@pytest.mark.parametrize("knob", [ToMeKnob, MCTFKnob, TopKKnob, PPTKnob, EvoViTKnob, MixKnob])
+@pytest.mark.parametrize("knob", [ToMeKnob, MCTFKnob, ToFuKnob, PiToMeKnob, ZeroTPruneKnob, DiffRateKnob, TopKKnob,
+                                  PPTKnob, EvoViTKnob, MixKnob])
 def test_every_schedule_is_a_spec_the_method_runs_as_written(knob):
     """A knob's values become a spec whose probe pass removes exactly those tokens where they say."""
     model = small_vit()

@@ -50,6 +50,7 @@ from .spec import format_spec, parse_spec
 from .sweep import build_models, measure, plot_sweep, sweep_specs, write_csv
 from .train.calibrate import IMITATION_TARGETS, CalibrateConfig, calibrate_dynamicvit, check_output_file, method_plan
 from .train.config import LearningConfig
+from .train.diffrate import DiffRateConfig, calibrate_diffrate
 from .train.finetune import CHECKPOINT, PREDICTORS, TrainConfig, finetune_dynamicvit
 from .tune import SEARCH_IMAGES, TUNABLE, check_methods, check_target, plot_tune, tune, write_tune_csv
 from .utils import atomic_write, check_writable_folder, resolve_device
@@ -409,26 +410,37 @@ LEARNING_OPTIONS = {"epochs": "epochs", "batch_size": "batch_size", "lr": "lr", 
 
 
 def add_learning_args(parser: argparse.ArgumentParser, config: type[LearningConfig], device: str | None,
-                      device_help: str) -> None:
+                      device_help: str, method_help: str = "dynamicvit spec, e.g. dynamicvit:rho=0.7 (default: dynamicvit)",
+                      other: type[LearningConfig] | None = None) -> None:
     """What train and calibrate share: --method (a dynamicvit spec),
     --images/--wnids/--limit, --split, the :data:`LEARNING_OPTIONS` (defaults from ``config``),
-    --threads and --device."""
-    parser.add_argument("--method", default="dynamicvit", metavar="SPEC",
-                        help="dynamicvit spec, e.g. dynamicvit:rho=0.7 (default: dynamicvit)")
+    --threads and --device. With ``other`` (calibrate's ``diffrate``), the options whose defaults
+    differ default to None, resolved per method by :func:`learning_config`, and their help shows both."""
+    parser.add_argument("--method", default="dynamicvit", metavar="SPEC", help=method_help)
     add_images_args(parser, unlabelled=config is CalibrateConfig)
     parser.add_argument("--split", choices=("all", "even", "odd"), default="all",
                         help="use all images, or only the even / odd positions of the sorted list")
-    parser.add_argument("--epochs", type=non_negative_int, default=config.epochs, metavar="N",
-                        help="training epochs; for calibrate, the end-to-end distillation epochs after "
-                             "--imitation-epochs (default: %(default)s)")
-    parser.add_argument("--batch-size", type=positive_int, default=config.batch_size, metavar="N",
-                        help="per process (default: %(default)s)")
-    parser.add_argument("--lr", type=float, default=config.lr,
-                        help="learning rate of DynamicViT's new parts (default: %(default)s)")
-    parser.add_argument("--weight-decay", type=float, default=config.weight_decay,
-                        help="AdamW weight decay (default: %(default)s)")
-    parser.add_argument("--warmup-epochs", type=float, default=config.warmup_epochs,
-                        help="epochs of linear learning-rate warm-up before the cosine decay (default: %(default)s)")
+    def default(name: str) -> tuple[Any, str]:
+        """The option's default and its help note: one default, or None and one per method."""
+        mine = getattr(config, name)
+        if other is None or getattr(other, name) == mine:
+            return mine, "(default: %(default)s)"
+        return None, f"(default: dynamicvit {mine}, diffrate {getattr(other, name)})"
+
+    d, note = default("epochs")
+    parser.add_argument("--epochs", type=non_negative_int, default=d, metavar="N",
+                        help=f"training epochs; for calibrate, the end-to-end distillation epochs after "
+                             f"--imitation-epochs (dynamicvit), the search's epochs (diffrate) {note}")
+    d, note = default("batch_size")
+    parser.add_argument("--batch-size", type=positive_int, default=d, metavar="N", help=f"per process {note}")
+    d, note = default("lr")
+    parser.add_argument("--lr", type=float, default=d,
+                        help=f"learning rate of DynamicViT's new parts (diffrate: of the rates) {note}")
+    d, note = default("weight_decay")
+    parser.add_argument("--weight-decay", type=float, default=d, help=f"AdamW weight decay {note}")
+    d, note = default("warmup_epochs")
+    parser.add_argument("--warmup-epochs", type=float, default=d,
+                        help=f"epochs of linear learning-rate warm-up before the cosine decay {note}")
     parser.add_argument("--ratio-weight", type=float, default=config.ratio_weight,
                         help="ratio loss weight (default: 2.0 for ViTs, 10.0 for ConvNeXt / Swin)")
     parser.add_argument("--distill-weight", type=float, default=config.distill_weight,
@@ -451,16 +463,21 @@ def learning_setup(args: argparse.Namespace) -> nn.Module:
     if args.device is not None:
         resolve_device(args.device)  # e.g. --device cuda without a GPU: an error before anything is loaded
     name = parse_spec(args.method)[0]
-    if name != "dynamicvit":
-        raise TokenSparseError(f"{args.command} supports the learned method 'dynamicvit', got {name!r}")
+    learned = ("dynamicvit", "diffrate") if args.command == "calibrate" else ("dynamicvit",)
+    if name not in learned:
+        raise TokenSparseError(f"{args.command} supports the learned method{'s' * (len(learned) > 1)} "
+                               f"{', '.join(map(repr, learned))}, got {name!r}")
     model = load_model(args)
-    method_plan(model, args.method)  # a family or option dynamicvit does not support: the same error for both
+    if name == "dynamicvit":
+        method_plan(model, args.method)  # a family or option dynamicvit does not support: the same error for both
     return model
 
 
 def learning_config(config: type[LearningConfig], args: argparse.Namespace, **options: Any) -> Any:
-    """``config`` from the shared :data:`LEARNING_OPTIONS` of ``args`` and the command's own ``options``."""
-    return config(**{field: getattr(args, dest) for field, dest in LEARNING_OPTIONS.items()}, **options)
+    """``config`` from the shared :data:`LEARNING_OPTIONS` of ``args`` (an option left at None: ``config``'s
+    default) and the command's own ``options``."""
+    given = {field: getattr(args, dest) for field, dest in LEARNING_OPTIONS.items()}
+    return config(**{k: v for k, v in given.items() if v is not None or k == "ratio_weight"}, **options)
 
 
 def training_images(args: argparse.Namespace, model: nn.Module, training: bool,
@@ -538,8 +555,17 @@ def add_calibrate_parser(subparsers: Any) -> None:
                     "model (KL + token or feature-map MSE + ratio loss) on an image folder (labels "
                     "unused: without a class list, every image under DIR is used, any names). Writes "
                     "them as safetensors, for '--method dynamicvit:predictors=FILE'.")
-    add_learning_args(p, CalibrateConfig, device="cpu", device_help="torch device (default: cpu)")
-    p.add_argument("--out", type=Path, required=True, metavar="FILE", help="predictors .safetensors file")
+    add_learning_args(p, CalibrateConfig, device="cpu", device_help="torch device (default: cpu)",
+                      method_help="dynamicvit spec, e.g. dynamicvit:rho=0.7 (default: dynamicvit), or diffrate "
+                                  "(with --gmacs: learn its per-block prune and merge counts)",
+                      other=DiffRateConfig)
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="dynamicvit: the predictors .safetensors file (required); diffrate: a text file for the spec")
+    p.add_argument("--gmacs", type=float, metavar="G", help="diffrate: the GMACs per image to reach (required)")
+    p.add_argument("--granularity", type=positive_int, default=DiffRateConfig.granularity, metavar="N",
+                   help="diffrate: the gap between candidate token counts (default: %(default)s)")
+    p.add_argument("--gmacs-weight", type=float, default=DiffRateConfig.gmacs_weight, metavar="W",
+                   help="diffrate: weight of (GMACs - target)^2 in the loss (default: %(default)s)")
     add_overwrite_arg(p)
     p.add_argument("--no-flip", action="store_true", help="do not add mirrored copies of the images")
     p.add_argument("--views", type=non_negative_int, default=CalibrateConfig.views, metavar="N",
@@ -555,8 +581,38 @@ def add_calibrate_parser(subparsers: Any) -> None:
                         "token at the end) or attention (the block's class attention) (default: %(default)s)")
 
 
+def cmd_calibrate_diffrate(args: argparse.Namespace) -> int:
+    """``tokensparse calibrate --method diffrate --gmacs G``: learn the counts, print (and write) the spec."""
+    if args.gmacs is None:
+        raise TokenSparseError("calibrate --method diffrate needs --gmacs G, the GMACs per image to reach")
+    if parse_spec(args.method)[1]:
+        raise TokenSparseError(f"calibrate learns diffrate's counts: give --method diffrate without options, "
+                               f"got {args.method!r}")
+    cfg = learning_config(DiffRateConfig, args, granularity=args.granularity, gmacs_weight=args.gmacs_weight,
+                          flip=not args.no_flip)
+    cfg.validate()
+    if args.out is not None:
+        check_output_file(args.out)
+        refuse_existing(args.out, "spec file", args.overwrite)
+    model = learning_setup(args)
+    data, skipped = training_images(args, model, training=False, labels=False)
+    start = time.perf_counter()
+    result = calibrate_diffrate(model, data, args.gmacs, cfg, device=args.device)
+    Console().print(f"calibrated {len(data)} images{skipped_note(skipped)} in {time.perf_counter() - start:.1f} s; "
+                    f"{result.gmacs:.3f} GMACs measured (target {result.target:g})", markup=False)
+    if args.out is not None:
+        atomic_write(args.out, lambda f: f.write(result.spec + "\n"), text=True)
+        Console().print(f"wrote {args.out}", markup=False)
+    print(result.spec)
+    return 0
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Run ``tokensparse calibrate``."""
+    if parse_spec(args.method)[0] == "diffrate":
+        return cmd_calibrate_diffrate(args)
+    if args.out is None:
+        raise TokenSparseError("calibrate --method dynamicvit needs --out FILE, the predictors .safetensors file")
     cfg = learning_config(CalibrateConfig, args, flip=not args.no_flip, views=args.views, holdout=args.holdout,
                           imitation_epochs=args.imitation_epochs, imitation_target=args.imitation_target)
     cfg.validate()  # bad options and an unwritable --out fail before the model is loaded

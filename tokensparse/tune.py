@@ -216,6 +216,41 @@ class MCTFKnob(ToMeKnob):
         return max(0, min(before // 2, before + self.num_prefix - MCTF_MIN_TOKENS))
 
 
+class ToFuKnob(ToMeKnob):
+    """ToFu: as ToMe (``r`` per block: pruned before its switch block, merged by MLERP after)."""
+    method = "tofu"
+
+
+class PiToMeKnob(ToMeKnob):
+    """PiToMe: ``r`` per block, as ToMe (replacing the authors' one keep ratio for every block)."""
+    method = "pitome"
+
+
+class ZeroTPruneKnob(ToMeKnob):
+    """Zero-TPrune: ``r`` patch tokens pruned per block, at most the less important half."""
+    method = "zerotprune"
+
+
+class DiffRateKnob(Knob):
+    """DiffRate: ``values[block]`` patch tokens removed in that block, half pruned (by class attention),
+    half merged (rounding to pruning), as the per-block kept counts DiffRate takes."""
+    method = "diffrate"
+    first = 0
+
+    def spec(self, values: dict[int, int]) -> str:
+        last = max((b for b, v in values.items() if v > 0), default=0)
+        prune, merge = [], []
+        for b in range(last + 1):
+            before = self._before(values, b)
+            v = values.get(b, 0)
+            prune.append(before - (v - v // 2))
+            merge.append(before - v)
+        return format_spec(self.method, {"prune_kept": prune, "merge_kept": merge})
+
+    def limit(self, values: dict[int, int], loc: int) -> int:
+        return max(0, self._before(values, loc) - 1)
+
+
 class TopKKnob(Knob):
     """Top-K / EViT: ``values[loc]`` patch tokens dropped at ``loc`` (EViT keeps one fused token more)."""
     method = "topk"
@@ -334,8 +369,8 @@ def _rate_for(kept: int, n: int) -> float:
     return min(1.0, math.ceil(kept / n * 1e4) / 1e4)
 
 
-TUNABLE: dict[str, type[Knob]] = {k.method: k for k in (ToMeKnob, MCTFKnob, TopKKnob, EViTKnob, PPTKnob, EvoViTKnob,
-                                                         MixKnob)}
+TUNABLE: dict[str, type[Knob]] = {k.method: k for k in (ToMeKnob, MCTFKnob, ToFuKnob, PiToMeKnob, ZeroTPruneKnob,
+                                                         DiffRateKnob, TopKKnob, EViTKnob, PPTKnob, EvoViTKnob, MixKnob)}
 """Methods :func:`tune` searches, with their schedules."""
 
 

@@ -132,7 +132,8 @@ class HFTokenAttention(nn.Module):
         p = float(getattr(self, lay.dropout)) if self.training else 0.0
         probs = None
         if keep is not None:
-            weights = policy_softmax((q * scale) @ k.transpose(-2, -1), keep)
+            logits = (q * scale) @ k.transpose(-2, -1)
+            weights = policy_softmax(logits if bias is None else logits + bias, keep)
             out = F.dropout(weights, p, self.training).to(v.dtype) @ v
         elif needs & EXPLICIT:
             probs = attention_probs(q, k, scale, bias)

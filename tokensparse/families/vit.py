@@ -87,7 +87,8 @@ class TokenAttention(Attention):
         q, k = self.q_norm(q), self.k_norm(k)
         probs = None
         if keep is not None:
-            weights = policy_softmax((q * self.scale) @ k.transpose(-2, -1), keep)
+            logits = (q * self.scale) @ k.transpose(-2, -1)
+            weights = policy_softmax(logits if bias is None else logits + bias, keep)
             out = self.attn_drop(weights).to(v.dtype) @ v
         elif needs & EXPLICIT:
             probs = attention_probs(q, k, self.scale, bias)

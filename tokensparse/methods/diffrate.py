@@ -25,13 +25,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import TokenSparseError
 from ..families import AttentionExtras
-from ..ops import group_assignment, pairwise_cosine, with_prefix
+from ..ops import add_tokens_, gather_tokens, group_assignment, pairwise_cosine, prefix_assignment, with_prefix
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, TokenReducer, check_bool, check_count, merge_patches, prune_to
+from .base import BlockReducerMethod, OptionInfo, TokenReducer, check_bool, check_count, prune_to
 
 AUTHORS_TINY_1G = (
     [197, 197, 196, 194, 188, 184, 178, 164, 156, 137, 129, 21],
@@ -50,13 +50,65 @@ def default_schedule(depth: int, patches: int) -> tuple[list[int], list[int]]:
     return out[0], out[1]
 
 
+def ste_ceil(x: Tensor) -> Tensor:
+    """``ceil(x)`` whose gradient is the identity's (straight-through, the authors' ``STE_Ceil``)."""
+    return x + (x.ceil() - x).detach()
+
+
+class RateChoice(nn.Module):
+    """DiffRate's differentiable discrete proxy (the authors' ``DiffRate/ddp.py``): a softmax over
+    candidate kept counts ``n, n - g, n - 2 g, ...`` (``g``: the granularity).
+
+    :meth:`kept` is the expected count rounded up, with a straight-through gradient; :meth:`mask`
+    the hard keep mask of the tokens ranked ``k..upto-1`` out (zeros there), carrying the gradient of
+    each token's probability of being kept (``sum`` of the probabilities of the candidates above
+    its rank), as theirs.
+    """
+
+    def __init__(self, n: int, granularity: int = 1) -> None:
+        super().__init__()
+        self.register_buffer("candidates", torch.arange(n, 0, -granularity, dtype=torch.float32), persistent=False)
+        self.logits = nn.Parameter(torch.zeros(len(self.candidates)))
+
+    def probs(self) -> Tensor:
+        return self.logits.softmax(dim=-1)
+
+    def kept(self) -> Tensor:
+        """Expected kept count, rounded up (a 0-d tensor with a straight-through gradient)."""
+        return ste_ceil(self.candidates @ self.probs())
+
+    def mask(self, k: int, upto: int, n: int) -> Tensor:
+        """``(n,)`` keep mask: 0 at ranks ``k..upto-1``, 1 elsewhere, with the keep probabilities' gradient."""
+        ranks = torch.arange(n, device=self.logits.device, dtype=torch.float32)
+        prob = (self.candidates.unsqueeze(0) > ranks.unsqueeze(1)).float() @ self.probs()
+        hard = torch.ones(n, device=self.logits.device)
+        hard[k:upto] = 0
+        return hard - prob.detach() + prob
+
+
 class DiffRateReducer(TokenReducer):
-    """Keep ``prune_kept`` patch tokens by class attention, then merge all but ``merge_kept`` of them."""
+    """Keep ``prune_kept`` patch tokens by class attention, then merge all but ``merge_kept`` of them.
+
+    With learnable ``rates`` (two :class:`RateChoice`, for pruning and merging) and in training mode, the
+    counts come from the rates and tokens are masked instead of removed (DiffRate's search, see
+    :meth:`learn`); ``kept`` then holds the two counts of the last pass, with their gradients.
+    """
     needs = frozenset({"cls_attn"})
 
     def __init__(self, prune_kept: int | None, merge_kept: int | None) -> None:
         super().__init__()
         self.prune_kept, self.merge_kept = prune_kept, merge_kept
+        self.rates: nn.ModuleList | None = None
+        self.kept: tuple[Tensor, Tensor] | None = None
+
+    def learnable(self, n: int, granularity: int) -> None:
+        """Give this block learnable rates over ``n`` patch tokens (the authors' search)."""
+        self.rates = nn.ModuleList([RateChoice(n, granularity), RateChoice(n, granularity)])
+
+    def learned(self) -> tuple[int, int]:
+        """The learned counts (prune, merge) as plain ints."""
+        assert self.rates is not None
+        return int(self.rates[0].kept().item()), int(self.rates[1].kept().item())
 
     def extra_repr(self) -> str:
         return f"prune_kept={self.prune_kept}, merge_kept={self.merge_kept}"
@@ -68,33 +120,82 @@ class DiffRateReducer(TokenReducer):
         return k1, max(k2, 1)
 
     def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+        if self.rates is not None and self.training:
+            return self.learn(x, extras, state, block)
         P = state.num_prefix
         n = x.shape[1] - P
         k1, k2 = self.counts(n)
         if k2 < n:
             order = extras.cls_attn.mean(dim=1)[:, P:].argsort(dim=-1, descending=True)
-            x = prune_to(x, with_prefix(order[:, :k1], P), state)
             if k2 < k1:
-                x = merge_unimportant(x, k2, state)
+                x = prune_and_merge(x, order[:, :k2], order[:, k2:k1], state)
+            else:
+                x = prune_to(x, with_prefix(order[:, :k1], P), state)
         state.record(block, x)
         return x
 
 
-def merge_unimportant(x: Tensor, kept: int, state: TokenState) -> Tensor:
-    """DiffRate's merge of ``x`` ``(B, P + k, C)``, patch tokens by falling importance: each patch token
-    after the first ``kept`` joins its most similar one among them (plain mean, sizes scaled by the similarity)."""
+    def learn(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+        """DiffRate's training pass (the authors' ``DiffRateBlock.forward`` in training mode): tokens sorted
+        by class attention (masked ones last), the pruned ones masked, the merged ones averaged into their
+        most similar important token and masked; the masks carry the rates' gradients
+        (:class:`RateChoice`) and the attention of later blocks honours them (``state.policy``)."""
+        assert self.rates is not None
+        P = state.num_prefix
+        B, N, _ = x.shape
+        n = N - P
+        policy = state.policy if state.policy is not None else x.new_ones(B, n, 1)
+        alive = policy.detach().squeeze(-1) > 0.5
+        score = extras.cls_attn.mean(dim=1)[:, P:].detach().float().masked_fill(~alive, float("-inf"))
+        order = score.argsort(dim=-1, descending=True)
+        xp = gather_tokens(x[:, P:], order)
+        size = gather_tokens(state.sizes(x)[:, P:], order)
+        policy = gather_tokens(policy, order)
+        last = int(alive[0].sum())
+        prune_kept, merge_kept = self.rates[0].kept(), self.rates[1].kept()
+        k1 = int(prune_kept.item())
+        if k1 < last:
+            policy = policy * self.rates[0].mask(k1, last, n).view(1, n, 1).to(policy.dtype)
+        mid = min(last, k1)
+        k2 = int(merge_kept.item())
+        if 0 < k2 < mid:
+            src, dst = xp[:, k2:mid], xp[:, :k2]
+            sim_max, idx = pairwise_cosine(src.detach(), dst.detach()).max(dim=-1)
+            count = add_tokens_(x.new_ones(B, k2, 1), idx, x.new_ones(B, mid - k2, 1))
+            merged = add_tokens_(dst.clone(memory_format=torch.contiguous_format), idx, src) / count
+            xp = torch.cat([merged, xp[:, k2:]], dim=1)
+            scaled = torch.cat([size[:, :k2], size[:, k2:mid] * sim_max.unsqueeze(-1)], dim=1).clamp_min(1)
+            size = torch.cat([add_tokens_(scaled[:, :k2].clone(), idx, scaled[:, k2:]), scaled[:, k2:],
+                              size[:, mid:]], dim=1)
+            policy = policy * self.rates[1].mask(k2, mid, n).view(1, n, 1).to(policy.dtype)
+        inverse = torch.empty_like(order).scatter_(1, order, torch.arange(n, device=x.device).expand(B, -1))
+        state.update(prefix_assignment(inverse, P), torch.cat([state.sizes(x)[:, :P], size], dim=1))
+        state.policy = policy
+        self.kept = (prune_kept, merge_kept)
+        x = torch.cat([x[:, :P], xp], dim=1)
+        state.record(block, x)
+        return x
+
+
+def prune_and_merge(x: Tensor, important: Tensor, merged: Tensor, state: TokenState) -> Tensor:
+    """DiffRate's pruning and merging in one pass over ``x`` ``(B, N, C)``: the patch tokens ``important``
+    ``(B, k)`` stay (in that order), each of ``merged`` ``(B, m)`` joins its most similar important token
+    (cosine of the tokens; a plain mean of the group, sizes scaled by the similarity before they add up),
+    every other patch token is dropped. Updates ``state``."""
     P = state.num_prefix
-    k = x.shape[1] - P
-    B = x.shape[0]
     xp = x[:, P:]
-    sim_max, dst = pairwise_cosine(xp[:, kept:].detach(), xp[:, :kept].detach()).max(dim=-1)
-    dev = x.device
-    into = torch.arange(kept, device=dev).expand(B, -1)
-    src = torch.arange(kept, k, device=dev).expand(B, -1)
-    assign = group_assignment(k, None, into, src, dst)
+    keep, join = gather_tokens(xp, important), gather_tokens(xp, merged)
+    sim_max, dst = pairwise_cosine(join.detach(), keep.detach()).max(dim=-1)
+    ones = x.new_ones(x.shape[0], merged.shape[1], 1)
+    count = add_tokens_(x.new_ones(x.shape[0], important.shape[1], 1), dst, ones)
+    out = add_tokens_(keep.clone(memory_format=torch.contiguous_format), dst, join) / count
     size = state.sizes(x)[:, P:]
-    scaled = torch.cat([size[:, :kept], size[:, kept:] * sim_max.unsqueeze(-1).to(size.dtype)], dim=1)
-    return merge_patches(x, assign, kept, state, weight=torch.ones_like(size), size=scaled)
+    scaled = gather_tokens(size, merged) * sim_max.unsqueeze(-1).to(size.dtype)
+    new_size = add_tokens_(gather_tokens(size, important).clone(memory_format=torch.contiguous_format), dst, scaled)
+    n = xp.shape[1]
+    assign = group_assignment(n, None, important, merged, dst)
+    state.update(prefix_assignment(assign, P), torch.cat([state.sizes(x)[:, :P], new_size], dim=1))
+    return torch.cat([x[:, :P], out], dim=1)
 
 
 def _counts(value: Any, name: str, depth: int) -> list[int | None]:
@@ -150,4 +251,5 @@ class DiffRate(BlockReducerMethod):
         return self.reducers(family.depth, family.num_positions())
 
 
-__all__ = ["AUTHORS_TINY_1G", "DiffRate", "DiffRateReducer", "default_schedule", "merge_unimportant"]
+__all__ = ["AUTHORS_TINY_1G", "DiffRate", "DiffRateReducer", "RateChoice", "default_schedule", "prune_and_merge",
+           "ste_ceil"]

@@ -55,12 +55,19 @@ class Mix(BlockReducerMethod):
         return bool(self.parts) and all(p.supports(model) for p in self.parts)
 
     def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
+        return self._join([part.build_reducers(depth) for part in self.parts])
+
+    def reducers_for(self, family: Any) -> dict[int, TokenReducer]:
+        return self._join([part.reducers_for(family) for part in self.parts])
+
+    def _join(self, built: list[dict[int, TokenReducer]]) -> dict[int, TokenReducer]:
+        """The parts' reducers in one ``{block: reducer}``, each block given to one part."""
         if not self.parts:
             raise TokenSparseError("a mix needs method specs joined by '+', e.g. ppt:locations=[3]+tome:r=[0,0,0,0,8]")
         reducers: dict[int, TokenReducer] = {}
         owner: dict[int, str] = {}
-        for part, spec in zip(self.parts, self.config["parts"]):
-            for block, reducer in part.build_reducers(depth).items():
+        for part_reducers, spec in zip(built, self.config["parts"]):
+            for block, reducer in part_reducers.items():
                 if reducer.idle:
                     continue
                 if block in reducers:

@@ -26,39 +26,41 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import TokenSparseError
 from ..families import AttentionExtras
-from ..ops import energy_scores, group_assignment, pairwise_cosine
+from ..ops import energy_scores, gather_tokens, group_assignment
 from ..state import TokenState
 from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_bool, check_count, merge_patches
 
 
-def _cross(sim: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``sim[b, rows[b]][:, cols[b]]`` ``(B, len(rows), len(cols))``."""
-    B, n, _ = sim.shape
-    picked = sim.gather(1, rows.unsqueeze(-1).expand(B, rows.shape[1], n))
-    return picked.gather(2, cols.unsqueeze(1).expand(B, rows.shape[1], cols.shape[1]))
+def _cross(unit: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """Cosine similarities ``(B, len(rows), len(cols))`` between the tokens ``rows`` and ``cols`` of the
+    unit-norm metric ``unit`` ``(B, n, D)`` (gathered rows and one product: cheaper than gathering
+    from the ``(B, n, n)`` similarities element by element)."""
+    return gather_tokens(unit, rows) @ gather_tokens(unit, cols).transpose(-1, -2)
 
 
-def pitome_assignment(sim: Tensor, r: int, margin: float, alpha: float, bsm: bool) -> Tensor:
-    """Patch map ``(B, n)`` for merging ``r`` of ``n`` tokens with cosine similarities ``sim`` ``(B, n, n)``.
+def pitome_assignment(metric: Tensor, r: int, margin: float, alpha: float, bsm: bool) -> Tensor:
+    """Patch map ``(B, n)`` for merging ``r`` of the ``n`` tokens of ``metric`` ``(B, n, D)`` (PiToMe's keys).
 
     New order as the authors' code: with ``bsm``, the A tokens left (by falling match score) then
     set B; without, the protected tokens (by falling energy) then set B.
     """
-    n = sim.shape[1]
-    order = energy_scores(sim, margin, alpha).argsort(dim=-1, descending=True)
+    unit = F.normalize(metric.float(), dim=-1)
+    n = unit.shape[1]
+    order = energy_scores(unit @ unit.transpose(-1, -2), margin, alpha).argsort(dim=-1, descending=True)
     if bsm:
         a_idx, b_idx = order[:, ::2], order[:, 1::2]
-        best, partner = _cross(sim, a_idx, b_idx).max(dim=-1)
+        best, partner = _cross(unit, a_idx, b_idx).max(dim=-1)
         edge = best.argsort(dim=-1, descending=True)
         return group_assignment(n, a_idx.gather(1, edge[:, r:]), b_idx, a_idx.gather(1, edge[:, :r]),
                                 partner.gather(1, edge[:, :r]))
     merge_idx = order[:, :2 * r]
     a_idx, b_idx = merge_idx[:, ::2], merge_idx[:, 1::2]
-    dst = _cross(sim, a_idx, b_idx).argmax(dim=-1)
+    dst = _cross(unit, a_idx, b_idx).argmax(dim=-1)
     return group_assignment(n, order[:, 2 * r:], b_idx, a_idx, dst)
 
 
@@ -87,7 +89,7 @@ class PiToMeReducer(TokenReducer):
         n = x.shape[1] - P
         r = self.count(n)
         if r > 0:
-            assign = pitome_assignment(pairwise_cosine(extras.keys[:, P:]), r, self.margin, self.alpha, self.bsm)
+            assign = pitome_assignment(extras.keys[:, P:], r, self.margin, self.alpha, self.bsm)
             x = merge_patches(x, assign, n - r, state)
         state.record(block, x)
         return x

@@ -1,0 +1,145 @@
+"""Every method at the same GMACs on ViT-Tiny: top-1, agreement, mean KL and measured speed-up.
+
+    python benchmarks/leaderboard.py [--levels 0.73 0.80] [--batch-size 64] [--runs 7] [--threads 2]
+                                     [--out docs/leaderboard.png]
+
+ViT-Tiny with the shared weights on the 500 shared images. Each method's one knob is set, by
+bisection on GMACs alone (no image or label is looked at), to land within 2% of each level: the
+schedule ``tune`` would write for a flat shape (``tokensparse.tune``'s knobs: ``r`` in every block
+from the method's first for the merging methods, 3 / 6 / 9 for Top-K, EViT and PPT, Evo-ViT's
+stages). DiffRate also runs the authors' schedules learned on DeiT-Tiny (the same architecture;
+``compression_rate.json``, "0.7" and "0.8" GFLOPs), transferred as they are. Then for every
+configuration: top-1, agreement with the unreduced model and mean KL(unreduced || reduced) on all
+500 images, and the speed-up over the unreduced model (batch 64, median of interleaved runs in
+one process). Writes the table and a plot of agreement against speed-up.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+from shared_args import MODEL, add_shared_args  # this folder: run as a script
+
+from tokensparse.api import patch, unpatch
+from tokensparse.families import get_family
+from tokensparse.measure import BASELINE, build_variants, fidelity, gmacs, timed_runs
+from tokensparse.models import create_model
+from tokensparse.tune import TUNABLE, _load_images
+
+METHODS = ["tome", "mctf", "tofu", "pitome", "zerotprune", "diffrate", "topk", "evit", "ppt", "evovit"]
+AUTHORS_DIFFRATE = {  # their DeiT-Tiny schedules (class token counted), by GFLOPs
+    "0.7": ([197, 196, 194, 180, 150, 123, 98, 82, 68, 60, 52, 3], [197, 196, 192, 158, 133, 103, 88, 72, 64, 58, 49, 3]),
+    "0.8": ([197, 197, 196, 186, 166, 147, 117, 103, 92, 80, 74, 3], [197, 196, 190, 172, 154, 125, 107, 96, 84, 78, 70, 3]),
+}
+TOLERANCE = 0.02
+
+
+def shape_of(knob) -> dict[int, float]:
+    """The knob's flat shape: every block from its first for merging methods, 3 / 6 / 9 for the others."""
+    shapes = dict(knob.shapes())
+    for label in (f"from {knob.first} every 1 flat", "from 3 every 3 flat"):
+        if label in shapes and (label.endswith("every 3 flat") or knob.method in
+                                ("tome", "mctf", "tofu", "pitome", "zerotprune", "diffrate")):
+            return shapes[label]
+    return next(w for label, w in knob.shapes() if label.endswith("flat"))
+
+
+def spec_at(model, name: str, level: float) -> tuple[str, float]:
+    """The spec of ``name``'s flat shape whose GMACs land closest to ``level`` (bisection on the amount)."""
+    family = get_family(model)
+    P = family.num_prefix
+    h, w = family.patch_grid()
+    knob = TUNABLE[name](len(family.blocks), h * w, P)
+    weights = shape_of(knob)
+
+    def macs(amount: float) -> tuple[str, float]:
+        spec = knob.spec(knob.fill(weights, amount, cut=False))
+        patch(model, spec)
+        g = gmacs(model)
+        unpatch(model)
+        return spec, g
+
+    lo, hi = 0.0, float(h * w)
+    best = macs(lo)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        spec, g = macs(mid)
+        if abs(g - level) < abs(best[1] - level):
+            best = (spec, g)
+        if g > level:
+            lo = mid
+        else:
+            hi = mid
+        if abs(g - level) <= 0.002 * level:
+            break
+    return best
+
+
+def logits_of(model: torch.nn.Module, images: torch.Tensor, batch: int = 50) -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)]).float()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--levels", type=float, nargs="+", default=[0.73, 0.80])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--out", type=Path, default=Path("docs/leaderboard.png"))
+    add_shared_args(p)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    model = create_model(MODEL, weights=args.weights).eval()
+    images, labels = _load_images(args.images, model, args.wnids, None)
+    reference = logits_of(model, images)
+    base_top1 = (reference.argmax(1) == labels).float().mean().item() * 100
+    rows = []  # (level, label, spec, gmacs)
+    for level in args.levels:
+        for name in METHODS:
+            spec, g = spec_at(model, name, level)
+            rows.append((level, name, spec, g))
+        for gf, (prune, merge) in AUTHORS_DIFFRATE.items():
+            spec = f"diffrate:prune_kept={[k - 1 for k in prune]},merge_kept={[k - 1 for k in merge]}".replace(" ", "")
+            patch(model, spec)
+            g = gmacs(model)
+            unpatch(model)
+            if abs(g - level) <= TOLERANCE * level:
+                rows.append((level, f"diffrate (authors' {gf})", spec, g))
+    results = {}
+    for level, label, spec, g in rows:
+        patch(model, spec)
+        logits = logits_of(model, images)
+        unpatch(model)
+        agree, kl = fidelity(logits, reference)
+        top1 = (logits.argmax(1) == labels).float().mean().item() * 100
+        results[spec] = (top1, agree, kl)
+    variants = build_variants(model, list(dict.fromkeys(spec for _, _, spec, _ in rows)))
+    times = timed_runs(variants, batch_size=args.batch_size, threads=args.threads, warmup=1, runs=args.runs)
+    base = statistics.median(times[BASELINE])
+    speed = {k: base / statistics.median(v) for k, v in times.items()}
+    print(f"ViT-Tiny (shared weights), {len(images)} shared images; unreduced: {gmacs(model):.3f} GMACs, top-1 "
+          f"{base_top1:.1f}; speed-up: batch {args.batch_size}, {args.threads} threads, median of {args.runs} "
+          f"interleaved runs")
+    print(f"{'level':>5s}  {'method':26s} {'GMACs':>6s} {'top-1':>6s} {'agree':>6s} {'mean KL':>8s} {'speed-up':>8s}  spec")
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    markers = dict(zip(args.levels, "os^D"))
+    for level, label, spec, g in rows:
+        top1, agree, kl = results[spec]
+        print(f"{level:5.2f}  {label:26s} {g:6.3f} {top1:6.1f} {agree:6.1f} {kl:8.4f} {speed[spec]:7.2f}x  {spec}")
+        ax.scatter(speed[spec], agree, marker=markers[level], label=f"{label} @{level:.2f}")
+        ax.annotate(label, (speed[spec], agree), fontsize=6, xytext=(3, 2), textcoords="offset points")
+    ax.set_xlabel(f"measured speed-up (batch {args.batch_size}, {args.threads} CPU threads)")
+    ax.set_ylabel("agreement with the unreduced model (%)")
+    ax.set_title("ViT-Tiny, 500 shared images: circles ~0.73 GMACs, squares ~0.80")
+    ax.grid(alpha=0.3)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=130, bbox_inches="tight")
+    print(f"plot: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
