@@ -21,7 +21,7 @@ from shared_args import MODEL, add_shared_args  # this folder: run as a script
 from tokensparse.api import patch, unpatch
 from tokensparse.measure import gmacs
 from tokensparse.models import create_model
-from tokensparse.tune import _load_images
+from tokensparse.tune import load_images
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(MODEL, weights=args.weights).eval()
-    images, labels = _load_images(args.images, model, args.wnids, None)
+    images, labels = load_images(args.images, model, args.wnids, None)
     print(f"{len(images)} images; {'spec':44s} {'GMACs':>6s} {'same top-1':>10s} {'top-1 ours':>10s} "
           f"{'top-1 theirs':>12s} {'max |dlogit|':>12s} {'images > 1e-3':>13s}")
     for pair in args.pairs:

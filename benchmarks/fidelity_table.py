@@ -18,7 +18,7 @@ from shared_args import MODEL, add_shared_args  # this folder: run as a script
 from tokensparse.api import patch, unpatch
 from tokensparse.measure import fidelity, gmacs
 from tokensparse.models import create_model
-from tokensparse.tune import _load_images
+from tokensparse.tune import load_images
 
 
 def logits_of(model: torch.nn.Module, images: torch.Tensor, batch: int = 50) -> torch.Tensor:
@@ -33,7 +33,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(MODEL, weights=args.weights).eval()
-    images, labels = _load_images(args.images, model, args.wnids, None)
+    images, labels = load_images(args.images, model, args.wnids, None)
     reference = logits_of(model, images)
     parts = {"all": slice(None), "even": slice(0, None, 2), "odd": slice(1, None, 2)}
     head = " | ".join(f"{k:>5s} top-1 agree     KL" for k in parts)

@@ -30,7 +30,7 @@ from tokensparse.api import patch, unpatch
 from tokensparse.families import get_family
 from tokensparse.measure import BASELINE, build_variants, fidelity, gmacs, timed_runs
 from tokensparse.models import create_model
-from tokensparse.tune import TUNABLE, _load_images
+from tokensparse.tune import TUNABLE, load_images
 
 METHODS = ["tome", "mctf", "tofu", "pitome", "zerotprune", "diffrate", "topk", "evit", "ppt", "evovit"]
 AUTHORS_DIFFRATE = {  # their DeiT-Tiny schedules (class token counted), by GFLOPs
@@ -98,7 +98,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model = create_model(MODEL, weights=args.weights).eval()
-    images, labels = _load_images(args.images, model, args.wnids, None)
+    images, labels = load_images(args.images, model, args.wnids, None)
     reference = logits_of(model, images)
     base_top1 = (reference.argmax(1) == labels).float().mean().item() * 100
     rows = []  # (level, label, spec, gmacs)

@@ -23,7 +23,7 @@ from tokensparse.families import get_family
 from tokensparse.measure import fidelity
 from tokensparse.models import create_model
 from tokensparse.spec import parse_spec
-from tokensparse.tune import Evaluator, _batches, _load_images, _setup, probe
+from tokensparse.tune import Evaluator, batches, load_images, make_setup, probe
 
 ROOT = Path(os.environ.get("TOKENSPARSE_SHARED") or Path(__file__).resolve().parents[2] / "shared")
 MODEL = "vit_tiny_patch16_224.augreg_in21k_ft_in1k"
@@ -42,10 +42,10 @@ def main() -> None:
     family = get_family(model)
     methods = sorted({parse_spec(s)[0] for s in args.specs})
     cpu = torch.device("cpu")
-    setup = _setup(model, family, args.images, None, None, 10 ** 6, methods, "speedup", 1.5, args.batch_size,
+    setup = make_setup(model, family, args.images, None, None, 10 ** 6, methods, "speedup", 1.5, args.batch_size,
                    args.threads, cpu, "fp32", 6, False)
-    images, _ = _load_images(args.images, model, None, None)
-    evaluator = Evaluator(model, family, _batches(images, 100), cpu, torch.float32)
+    images, _ = load_images(args.images, model, None, None)
+    evaluator = Evaluator(model, family, batches(images, 100), cpu, torch.float32)
     reference = evaluator.logits()
     print(f"{'spec':58s} {'pred.':>6s} {'GMACs':>6s} | {'even KL':>7s} {'agree':>5s} | {'odd KL':>7s} {'agree':>5s}")
     for spec in args.specs:

@@ -12,7 +12,7 @@ import transformers as T
 from PIL import Image
 
 import tokensparse
-import tokensparse.tune as tune_module
+import tokensparse.tune.run as tune_module
 from tokensparse import TokenSparseError
 from tokensparse.cli import build_parser, main
 from tokensparse.data import data_config, split_dataset

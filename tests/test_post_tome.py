@@ -241,7 +241,7 @@ def test_methods_without_a_class_token_run_on_avg_pool_models():
 
 @pytest.mark.parametrize(("spec", "message"), [
     ("tofu:merge=sum", "merge must be one of"), ("tofu:switch=9", "switch must be a block index"),
-    ("pitome:ratio=0.3", "ratio must be a number in"), ("pitome:alpha=0", "alpha must be a number in"),
+    ("pitome:ratio=0.3", "ratio must be a number in"), ("pitome:alpha=0", "alpha must be a number > 0"),
     ("diffrate:prune_kept=[10]", "together"), ("diffrate:prune_kept=[1,2,3,4,5],merge_kept=[1]", "5 entries"),
     ("zerotprune:var_min=1,var_max=0.5", "must not be below"), ("zerotprune:iterations=[1,2]", "2 entries"),
 ])

@@ -14,7 +14,7 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import tokensparse
-import tokensparse.tune as tune_module
+import tokensparse.tune.run as tune_module
 from tokensparse import TokenSparseError
 from tokensparse.cli import main
 from tokensparse.measure import gmacs
@@ -114,7 +114,7 @@ def test_a_mix_schedule_places_ppt_tome_and_the_cut_by_block():
 
 def test_a_refinement_step_is_kept_only_when_both_halves_of_the_screening_images_agree():
     def point(kl, halves):
-        return tune_module._Point("tome", {}, "tome", None, 1.0, 90.0, kl, halves=halves)
+        return tune_module.Point("tome", {}, "tome", None, 1.0, 90.0, kl, halves=halves)
     old = point(0.10, (0.12, 0.08))
     assert refines(point(0.09, (0.11, 0.07)), old)
     assert not refines(point(0.09, (0.06, 0.12)), old)  # lower on average, worse on the odd half
@@ -198,7 +198,7 @@ def macs_clock(monkeypatch):
 
     monkeypatch.setattr(tune_module, "timed_runs", timed_runs)
     monkeypatch.setattr(tune_module, "time_blocks", time_blocks)
-    monkeypatch.setattr(tune_module, "_time_embedding", time_embedding)
+    monkeypatch.setattr(tune_module, "time_embedding", time_embedding)
 
 
 @pytest.mark.parametrize("target", ["tome:r=8"])  # a number as the target: the close-call test below

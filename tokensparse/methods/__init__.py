@@ -7,12 +7,13 @@ from torch import nn
 
 from ..errors import TokenSparseError
 from ..families import FAMILIES
-from .base import Method, OptionInfo
+from .base import Method
 from .diffrate import DiffRate
 from .dynamicvit import DynamicViT
 from .evovit import EvoViT
 from .mctf import MCTF
 from .mix import Mix
+from .options import OptionInfo
 from .pitome import PiToMe
 from .ppt import PPT
 from .tofu import ToFu

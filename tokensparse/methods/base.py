@@ -1,9 +1,7 @@
 """What every method has: a name, documented options with defaults, validation, and `apply`."""
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -13,14 +11,7 @@ from ..errors import TokenSparseError
 from ..families import AttentionExtras, BlockHook, TokenFamily, get_family
 from ..ops import gather_tokens, group_weights, keep_assignment, prefix_assignment, sum_tokens
 from ..state import TokenState
-
-
-@dataclass(frozen=True)
-class OptionInfo:
-    """One option of a method: its name, default and a one-line help."""
-    name: str
-    default: Any
-    help: str
+from .options import OptionInfo, check_bool
 
 
 class Method:
@@ -81,94 +72,6 @@ class Method:
         raise NotImplementedError
 
 
-# ----------------------------------------------------------------------------- validation helpers
-
-def check_keep_rate(value: Any, name: str = "keep_rate") -> float:
-    """A keep rate in (0, 1]."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-        raise TokenSparseError(f"{name} must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def check_count(value: Any, name: str, minimum: int = 0) -> int:
-    """A non-negative (or >= minimum) integer."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise TokenSparseError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def block_counts(values: Sequence[Any], depth: int, name: str = "r") -> list[int]:
-    """A per-block count list (``r`` of ToMe, MCTF), checked, with zeros for the blocks after it."""
-    if len(values) > depth:
-        raise TokenSparseError(f"{name} has {len(values)} entries but the model has {depth} blocks")
-    for v in values:
-        check_count(v, name)
-    return list(values) + [0] * (depth - len(values))
-
-
-def check_bool(value: Any, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TokenSparseError(f"{name} must be true or false, got {value!r}")
-    return value
-
-
-def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise TokenSparseError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def default_locations(depth: int) -> list[int]:
-    """Blocks at 1/4, 1/2 and 3/4 of the depth (3, 6, 9 for 12 blocks)."""
-    return sorted({max(0, min(depth - 1, round(depth * f))) for f in (0.25, 0.5, 0.75)})
-
-
-def resolve_locations(locations: Sequence[int] | int | None, depth: int) -> list[int]:
-    """Validate block indices against ``depth``; None gives :func:`default_locations`."""
-    if locations is None:
-        return default_locations(depth)
-    if isinstance(locations, int) and not isinstance(locations, bool):
-        locations = [locations]
-    if not isinstance(locations, (list, tuple)) or not locations:
-        raise TokenSparseError(f"locations must be a non-empty list of block indices, got {locations!r}")
-    for loc in locations:
-        if isinstance(loc, bool) or not isinstance(loc, int) or not 0 <= loc < depth:
-            raise TokenSparseError(
-                f"location {loc!r} is outside the model's blocks: valid block indices are 0..{depth - 1}")
-    if len(set(locations)) != len(locations):
-        raise TokenSparseError(f"locations must not repeat, got {list(locations)}")
-    return sorted(locations)
-
-
-def per_location(value: Any, n: int, name: str) -> list[Any]:
-    """Broadcast one value to ``n`` locations, or check a list has exactly ``n`` entries."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise TokenSparseError(f"{name} has {len(value)} entries but there are {n} locations")
-        return list(value)
-    return [value] * n
-
-
-ROUNDINGS = ("ceil", "floor")
-
-
-def keep_count(keep_rate: float, n: int, rounding: str) -> int:
-    """Tokens kept out of ``n`` at ``keep_rate``, at least 1 and at most ``n``.
-
-    ``rounding`` is each method's own, from its authors' code, so every caller says which:
-    ``"ceil"`` (EViT / Top-K: ``math.ceil(keep_rate * N)``) or ``"floor"`` (Evo-ViT and
-    DynamicViT: ``int(N * ratio)``). A tiny tolerance absorbs float error in products that are
-    whole numbers (``0.7 ** 2 * 196``).
-    """
-    if rounding == "ceil":
-        k = math.ceil(keep_rate * n - 1e-6)
-    elif rounding == "floor":
-        k = math.floor(keep_rate * n + 1e-6)
-    else:
-        raise ValueError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
-    return max(1, min(n, k))
-
-
 class TokenReducer(BlockHook):
     """A reduction step run inside a block after its attention residual (Top-K, ToMe, PPT).
 
@@ -190,12 +93,51 @@ class TokenReducer(BlockHook):
         raise NotImplementedError
 
 
+class CountReducer(TokenReducer):
+    """A reducer that removes up to ``r`` patch tokens in its block (ToMe, ToFu, PiToMe, Zero-TPrune, PPT).
+
+    ``settings`` names the other attributes shown in its repr. :meth:`forward` removes
+    :meth:`count` tokens with :meth:`reduce` (nothing when the count is 0) and records the block.
+    """
+    settings: tuple[str, ...] = ()
+
+    def __init__(self, r: int | None) -> None:
+        super().__init__()
+        self.r = r
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={getattr(self, k)}" for k in ("r", *self.settings))
+
+    @property
+    def idle(self) -> bool:
+        return self.r == 0
+
+    def count(self, n: int) -> int:
+        """Tokens removed out of ``n`` patch tokens: ``r``, at most half of them."""
+        return max(0, min(self.r or 0, n // 2))
+
+    def reduce(self, x: Tensor, extras: AttentionExtras, state: TokenState, r: int) -> Tensor:
+        """Remove ``r`` > 0 patch tokens of ``x`` ``(B, N, C)``, updating ``state``."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+        r = self.count(x.shape[1] - state.num_prefix)
+        if r > 0:
+            x = self.reduce(x, extras, state, r)
+        state.record(block, x)
+        return x
+
+
 class BlockReducerMethod(Method):
     """A method that reduces tokens inside chosen blocks, after attention (Top-K, ToMe, PPT).
 
     Subclasses implement :meth:`build_reducers`; ``prop_attn`` turns on proportional attention.
     """
     prop_attn: bool = False
+
+    def use_prop_attn(self) -> None:
+        """Check the ``prop_attn`` option and take it (merging methods call it from :meth:`validate`)."""
+        self.prop_attn = check_bool(self.config["prop_attn"], "prop_attn")
 
     def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
         """``{block: reducer}`` for a model of ``depth`` blocks."""

@@ -31,7 +31,8 @@ from ..errors import TokenSparseError
 from ..families import AttentionExtras
 from ..ops import add_tokens_, gather_tokens, group_assignment, pairwise_cosine, prefix_assignment, with_prefix
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, TokenReducer, check_bool, check_count, prune_to
+from .base import BlockReducerMethod, TokenReducer, prune_to
+from .options import PROP_ATTN, OptionInfo, check_count
 
 AUTHORS_TINY_1G = (
     [197, 197, 196, 194, 188, 184, 178, 164, 156, 137, 129, 21],
@@ -217,7 +218,7 @@ class DiffRate(BlockReducerMethod):
         OptionInfo("prune_kept", None, "patch tokens kept after pruning, one per block; default the authors' "
                                        "DeiT-Tiny 1.0 GFLOPs schedule"),
         OptionInfo("merge_kept", None, "patch tokens kept after merging, one per block; default as prune_kept"),
-        OptionInfo("prop_attn", True, "proportional attention: add log(size) to the attention logits"),
+        PROP_ATTN,
     )
 
     def validate(self) -> None:
@@ -227,8 +228,7 @@ class DiffRate(BlockReducerMethod):
         for name in ("prune_kept", "merge_kept"):
             if c[name] is not None:
                 _counts(c[name], name, len(c[name]))
-        check_bool(c["prop_attn"], "prop_attn")
-        self.prop_attn = c["prop_attn"]
+        self.use_prop_attn()
 
     def schedule(self, depth: int, patches: int) -> tuple[list[int | None], list[int | None]]:
         """Per-block patch tokens kept after pruning and after merging."""

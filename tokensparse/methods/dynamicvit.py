@@ -37,7 +37,8 @@ from ..models import describe_mismatch
 from ..ops import gather_tokens, keep_assignment, split_topk, topk_indices, with_prefix
 from ..state import TokenState
 from ..utils import atomic_write
-from .base import Method, OptionInfo, check_bool, check_keep_rate, keep_count, per_location, resolve_locations
+from .base import Method
+from .options import OptionInfo, check_bool, check_keep_rate, keep_count, per_location, resolve_locations
 
 FILE_FORMAT = "tokensparse-dynamicvit-predictors"
 

@@ -79,7 +79,8 @@ from ..errors import TokenSparseError
 from ..families import AttentionExtras, BlockHook, TokenFamily, get_family
 from ..ops import gather_tokens, scatter_tokens, split_topk
 from ..state import LocationInfo, TokenState
-from .base import Method, OptionInfo, check_choice, check_keep_rate, default_locations, keep_count
+from .base import Method
+from .options import OptionInfo, check_choice, check_keep_rate, default_locations, keep_count
 
 AUTHORS_DEIT = "evovit:stages=[4,8],update=carry,keep_rate=0.5,alpha=[1,1,1,1,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5]"
 """The authors' DeiT setting (YifanXu74/Evo-ViT ``evo_deit_*_patch16_224``: ``tradeoff`` and

@@ -45,7 +45,8 @@ from ..errors import TokenSparseError
 from ..families import AheadMerge, AttentionExtras
 from ..ops import group_weights, mctf_assignment, mctf_scores, sum_tokens, with_prefix
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_bool, check_choice, check_count
+from .base import BlockReducerMethod, TokenReducer
+from .options import PROP_ATTN, OptionInfo, block_counts, check_bool, check_choice, check_counts
 
 POOLINGS = ("attention", "size", "mean")
 """How merged tokens are averaged: by attention received x size (the authors' setting, their
@@ -160,7 +161,7 @@ class MCTF(BlockReducerMethod):
         OptionInfo("pooling", "attention", "merged token: average weighted by attention x size, by size, or mean"),
         OptionInfo("one_step_ahead", False, "true: decide the merge from the block's attention before its "
                                             "output (the authors' setting); false: merge after the block"),
-        OptionInfo("prop_attn", True, "proportional attention: add log(size) to the attention logits"),
+        PROP_ATTN,
     )
 
     @classmethod
@@ -169,15 +170,13 @@ class MCTF(BlockReducerMethod):
 
     def validate(self) -> None:
         c = self.config
-        if c["r"] is not None and not isinstance(c["r"], (list, tuple)):
-            check_count(c["r"], "r")
+        check_counts(c["r"], optional=True)
         for name in ("tau_sim", "tau_info", "tau_size"):
             check_tau(c[name], name)
         check_bool(c["bidirectional"], "bidirectional")
         check_choice(c["pooling"], "pooling", POOLINGS)
         check_bool(c["one_step_ahead"], "one_step_ahead")
-        check_bool(c["prop_attn"], "prop_attn")
-        self.prop_attn = c["prop_attn"]
+        self.use_prop_attn()
 
     def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
         c = self.config

@@ -11,7 +11,8 @@ from typing import Any, ClassVar
 
 from ..errors import TokenSparseError
 from ..spec import MIX, parse_spec
-from .base import BlockReducerMethod, Method, OptionInfo, TokenReducer
+from .base import BlockReducerMethod, Method, TokenReducer
+from .options import OptionInfo
 
 
 def _part(spec: Any, registry: dict[str, type[Method]]) -> BlockReducerMethod:

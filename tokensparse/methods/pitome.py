@@ -24,16 +24,15 @@ the class token only).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import TokenSparseError
 from ..families import AttentionExtras
 from ..ops import energy_scores, gather_tokens, group_assignment
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_bool, check_count, merge_patches
+from .base import BlockReducerMethod, CountReducer, TokenReducer, merge_patches
+from .options import OptionInfo, block_counts, check_count, check_counts, check_number
 
 
 def _cross(unit: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -64,16 +63,14 @@ def pitome_assignment(metric: Tensor, r: int, margin: float, alpha: float, bsm: 
     return group_assignment(n, order[:, 2 * r:], b_idx, a_idx, dst)
 
 
-class PiToMeReducer(TokenReducer):
+class PiToMeReducer(CountReducer):
     """Merge ``r`` (or ``floor(n - n * ratio)``) patch tokens by energy-guided matching."""
     needs = frozenset({"keys"})
+    settings = ("ratio", "margin", "alpha", "bsm")
 
     def __init__(self, r: int | None, ratio: float, margin: float, alpha: float, bsm: bool) -> None:
-        super().__init__()
-        self.r, self.ratio, self.margin, self.alpha, self.bsm = r, ratio, margin, alpha, bsm
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, ratio={self.ratio}, margin={self.margin:.4g}, alpha={self.alpha}, bsm={self.bsm}"
+        super().__init__(r)
+        self.ratio, self.margin, self.alpha, self.bsm = ratio, margin, alpha, bsm
 
     @property
     def idle(self) -> bool:
@@ -84,24 +81,10 @@ class PiToMeReducer(TokenReducer):
         r = self.r if self.r is not None else (math.floor(n - n * self.ratio) if self.ratio < 1.0 else 0)
         return max(0, min(r, n // 2))
 
-    def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+    def reduce(self, x: Tensor, extras: AttentionExtras, state: TokenState, r: int) -> Tensor:
         P = state.num_prefix
-        n = x.shape[1] - P
-        r = self.count(n)
-        if r > 0:
-            assign = pitome_assignment(extras.keys[:, P:], r, self.margin, self.alpha, self.bsm)
-            x = merge_patches(x, assign, n - r, state)
-        state.record(block, x)
-        return x
-
-
-def check_number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
-    """A number in ``[low, high]`` (``(low, high]`` when ``low_open``)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-        low < value if low_open else low <= value) and value <= high
-    if not ok:
-        raise TokenSparseError(f"{name} must be a number in {'(' if low_open else '['}{low}, {high}], got {value!r}")
-    return float(value)
+        assign = pitome_assignment(extras.keys[:, P:], r, self.margin, self.alpha, self.bsm)
+        return merge_patches(x, assign, x.shape[1] - P - r, state)
 
 
 class PiToMe(BlockReducerMethod):
@@ -121,14 +104,12 @@ class PiToMe(BlockReducerMethod):
     def validate(self) -> None:
         c = self.config
         check_number(c["ratio"], "ratio", 0.5, 1.0)
-        if c["r"] is not None and not isinstance(c["r"], (list, tuple)):
-            check_count(c["r"], "r")
+        check_counts(c["r"], optional=True)
         check_number(c["margin"], "margin", -1.0, 1.0)
-        check_number(c["alpha"], "alpha", 0.0, math.inf, low_open=True)
+        check_number(c["alpha"], "alpha", 0, low_open=True)
         if c["bsm_blocks"] is not None:
             check_count(c["bsm_blocks"], "bsm_blocks")
-        check_bool(c["prop_attn"], "prop_attn")
-        self.prop_attn = c["prop_attn"]
+        self.use_prop_attn()
 
     def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
         c = self.config

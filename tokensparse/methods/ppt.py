@@ -1,16 +1,14 @@
 """PPT: per image, pool (merge) tokens when attention is flat, prune them when it is peaked (METHODS.md §3)."""
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ..errors import TokenSparseError
 from ..families import AttentionExtras
 from ..ops import gather_tokens, keep_assignment, topk_indices, with_prefix
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, TokenReducer, check_bool, check_count, per_location, resolve_locations
+from .base import BlockReducerMethod, CountReducer, TokenReducer
+from .options import PROP_ATTN, OptionInfo, check_count, check_number, per_location, resolve_locations
 from .tome import merge_patch_tokens
 
 REFERENCE_R = 50
@@ -73,7 +71,7 @@ def select_per_image(pooled: Tensor, x_pool: Tensor, x_prune: Tensor,
     return torch.where(m3, x_pool, x_prune)
 
 
-class PPTReducer(TokenReducer):
+class PPTReducer(CountReducer):
     """Remove ``r`` patch tokens per image, pooling (ToMe merging) or pruning by score variance.
 
     ``r=None`` uses :func:`default_r` of the input's patch count. Both branches remove exactly
@@ -86,16 +84,11 @@ class PPTReducer(TokenReducer):
     """
     needs = frozenset({"cls_attn", "value_norm", "keys"})
 
+    settings = ("threshold",)
+
     def __init__(self, r: int | None, threshold: float) -> None:
-        super().__init__()
-        self.r, self.threshold = r, threshold
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, threshold={self.threshold}"
-
-    @property
-    def idle(self) -> bool:
-        return self.r == 0
+        super().__init__(r)
+        self.threshold = threshold
 
     def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
         P = state.num_prefix
@@ -112,13 +105,6 @@ class PPTReducer(TokenReducer):
         return x
 
 
-def check_threshold(value: Any) -> float:
-    """A non-negative number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise TokenSparseError(f"threshold must be a number >= 0, got {value!r}")
-    return float(value)
-
-
 class PPT(BlockReducerMethod):
     name = "ppt"
     summary = ("PPT: per image, pool (merge) tokens where attention is flat and prune inattentive "
@@ -129,7 +115,7 @@ class PPT(BlockReducerMethod):
                               "default 50 per 196 patch tokens, scaled with the patch count"),
         OptionInfo("locations", None, "block indices (0-based); default 1/4, 1/2, 3/4 of the depth (3, 6, 9 for 12 blocks)"),
         OptionInfo("threshold", 7e-5, "score variance below which an image pools, above which it prunes"),
-        OptionInfo("prop_attn", True, "proportional attention: add log(size) to the attention logits"),
+        PROP_ATTN,
     )
 
     def validate(self) -> None:
@@ -138,8 +124,8 @@ class PPT(BlockReducerMethod):
         for r in rs:
             if r is not None:
                 check_count(r, "r")
-        check_threshold(c["threshold"])
-        self.prop_attn = check_bool(c["prop_attn"], "prop_attn")
+        check_number(c["threshold"], "threshold", 0)
+        self.use_prop_attn()
 
     def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
         c = self.config

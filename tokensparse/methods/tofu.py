@@ -25,16 +25,8 @@ from ..errors import TokenSparseError
 from ..families import AttentionExtras
 from ..ops import bipartite_soft_matching, group_assignment, mlerp_tokens, with_prefix
 from ..state import TokenState
-from .base import (
-    BlockReducerMethod,
-    OptionInfo,
-    TokenReducer,
-    check_bool,
-    check_choice,
-    check_count,
-    merge_patches,
-    prune_to,
-)
+from .base import BlockReducerMethod, CountReducer, TokenReducer, merge_patches, prune_to
+from .options import PROP_ATTN, OptionInfo, check_choice, check_count, check_counts
 from .tome import tome_schedule
 
 MODES = ("prune", "mlerp", "average")
@@ -52,34 +44,22 @@ def match_patches(keys: Tensor, r: int, num_prefix: int) -> tuple[Tensor, Tensor
     return 2 * plan.unm + a, into, 2 * plan.src + a, plan.dst
 
 
-class ToFuReducer(TokenReducer):
+class ToFuReducer(CountReducer):
     """Match ``r`` patch tokens as ToMe, then prune them or merge them (MLERP or average)."""
     needs = frozenset({"keys"})
+    settings = ("mode",)
 
     def __init__(self, r: int, mode: str) -> None:
-        super().__init__()
-        self.r, self.mode = r, mode
+        super().__init__(r)
+        self.mode = mode
 
-    def extra_repr(self) -> str:
-        return f"r={self.r}, mode={self.mode}"
-
-    @property
-    def idle(self) -> bool:
-        return self.r == 0
-
-    def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+    def reduce(self, x: Tensor, extras: AttentionExtras, state: TokenState, r: int) -> Tensor:
         P = state.num_prefix
-        n = x.shape[1] - P
-        r = min(self.r, n // 2)
-        if r > 0:
-            kept, into, src, dst = match_patches(extras.keys, r, P)
-            if self.mode == "prune":
-                x = prune_to(x, with_prefix(torch.cat([kept, into], dim=1), P), state)
-            else:
-                assign = group_assignment(n, kept, into, src, dst)
-                x = merge_patches(x, assign, n - r, state, pool=mlerp_tokens if self.mode == "mlerp" else None)
-        state.record(block, x)
-        return x
+        kept, into, src, dst = match_patches(extras.keys, r, P)
+        if self.mode == "prune":
+            return prune_to(x, with_prefix(torch.cat([kept, into], dim=1), P), state)
+        assign = group_assignment(x.shape[1] - P, kept, into, src, dst)
+        return merge_patches(x, assign, x.shape[1] - P - r, state, pool=mlerp_tokens if self.mode == "mlerp" else None)
 
 
 class ToFu(BlockReducerMethod):
@@ -89,18 +69,16 @@ class ToFu(BlockReducerMethod):
         OptionInfo("r", 13, "tokens removed per block: an int, or a list with one entry per block"),
         OptionInfo("switch", None, "first block that merges (earlier blocks prune); default depth // 2"),
         OptionInfo("merge", "mlerp", "how blocks from switch on merge: mlerp (norm-preserving) or average (ToMe)"),
-        OptionInfo("prop_attn", True, "proportional attention: add log(size) to the attention logits"),
+        PROP_ATTN,
     )
 
     def validate(self) -> None:
         c = self.config
-        if not isinstance(c["r"], (list, tuple)):
-            check_count(c["r"], "r")
+        check_counts(c["r"])
         if c["switch"] is not None:
             check_count(c["switch"], "switch")
         check_choice(c["merge"], "merge", MODES[1:])
-        check_bool(c["prop_attn"], "prop_attn")
-        self.prop_attn = c["prop_attn"]
+        self.use_prop_attn()
 
     def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
         c = self.config

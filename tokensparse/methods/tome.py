@@ -9,7 +9,8 @@ from torch import Tensor
 from ..families import AttentionExtras
 from ..ops import bipartite_soft_matching, merge_assignment, merge_tokens
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_bool, check_choice, check_count
+from .base import BlockReducerMethod, CountReducer, TokenReducer
+from .options import PROP_ATTN, OptionInfo, block_counts, check_choice, check_counts
 
 
 def merge_patch_tokens(x: Tensor, metric: Tensor, r: int, state: TokenState) -> Tensor:
@@ -32,27 +33,12 @@ def merge_patch_tokens(x: Tensor, metric: Tensor, r: int, state: TokenState) -> 
     return torch.cat([x[:, :P], merged], dim=1)
 
 
-class ToMeReducer(TokenReducer):
+class ToMeReducer(CountReducer):
     """Merge ``r`` patch tokens by key similarity (capped at half the patch tokens)."""
     needs = frozenset({"keys"})
 
-    def __init__(self, r: int) -> None:
-        super().__init__()
-        self.r = r
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}"
-
-    @property
-    def idle(self) -> bool:
-        return self.r == 0
-
-    def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
-        r = min(self.r, (x.shape[1] - state.num_prefix) // 2)
-        if r > 0:
-            x = merge_patch_tokens(x, extras.keys, r, state)
-        state.record(block, x)
-        return x
+    def reduce(self, x: Tensor, extras: AttentionExtras, state: TokenState, r: int) -> Tensor:
+        return merge_patch_tokens(x, extras.keys, r, state)
 
 
 def tome_schedule(r: Any, depth: int, schedule: str) -> list[int]:
@@ -75,16 +61,14 @@ class ToMe(BlockReducerMethod):
     options = (
         OptionInfo("r", 13, "tokens merged per block: an int, or a list with one entry per block"),
         OptionInfo("schedule", "constant", "how an int r is spread over blocks: constant or decreasing"),
-        OptionInfo("prop_attn", True, "proportional attention: add log(size) to the attention logits"),
+        PROP_ATTN,
     )
 
     def validate(self) -> None:
         c = self.config
-        if not isinstance(c["r"], (list, tuple)):
-            check_count(c["r"], "r")
+        check_counts(c["r"])
         check_choice(c["schedule"], "schedule", ("constant", "decreasing"))
-        check_bool(c["prop_attn"], "prop_attn")
-        self.prop_attn = c["prop_attn"]
+        self.use_prop_attn()
 
     def build_reducers(self, depth: int) -> dict[int, TokenReducer]:
         rs = tome_schedule(self.config["r"], depth, self.config["schedule"])

@@ -11,17 +11,8 @@ from torch import Tensor
 from ..families import AttentionExtras
 from ..ops import fuse_tokens, gather_tokens, keep_assignment, split_topk, topk_indices, with_prefix
 from ..state import TokenState
-from .base import (
-    BlockReducerMethod,
-    OptionInfo,
-    TokenReducer,
-    check_bool,
-    check_count,
-    check_keep_rate,
-    keep_count,
-    per_location,
-    resolve_locations,
-)
+from .base import BlockReducerMethod, TokenReducer
+from .options import OptionInfo, check_bool, check_count, check_keep_rate, keep_count, per_location, resolve_locations
 
 
 class TopKReducer(TokenReducer):

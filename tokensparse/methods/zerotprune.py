@@ -29,8 +29,8 @@ from ..errors import TokenSparseError
 from ..families import AttentionExtras
 from ..ops import head_filtered_importance, pairwise_cosine, weighted_pagerank, with_prefix
 from ..state import TokenState
-from .base import BlockReducerMethod, OptionInfo, TokenReducer, block_counts, check_count, prune_to
-from .pitome import check_number
+from .base import BlockReducerMethod, CountReducer, TokenReducer, prune_to
+from .options import OptionInfo, block_counts, check_count, check_counts, check_number
 
 
 def default_iterations(depth: int) -> list[int]:
@@ -52,32 +52,20 @@ def zerotprune_keep(importance: Tensor, keys: Tensor, r: int) -> Tensor:
     return torch.cat([top, low.gather(1, stay)], dim=1)
 
 
-class ZeroTPruneReducer(TokenReducer):
+class ZeroTPruneReducer(CountReducer):
     """Prune ``r`` patch tokens: PageRank importance over the attention graph, then similarity."""
     needs = frozenset({"probs", "keys"})
+    settings = ("iterations", "var_min", "var_max")
 
     def __init__(self, r: int, iterations: int, var_min: float, var_max: float) -> None:
-        super().__init__()
-        self.r, self.iterations, self.var_min, self.var_max = r, iterations, var_min, var_max
+        super().__init__(r)
+        self.iterations, self.var_min, self.var_max = iterations, var_min, var_max
 
-    def extra_repr(self) -> str:
-        return f"r={self.r}, iterations={self.iterations}, var=[{self.var_min}, {self.var_max}]"
-
-    @property
-    def idle(self) -> bool:
-        return self.r == 0
-
-    def forward(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
+    def reduce(self, x: Tensor, extras: AttentionExtras, state: TokenState, r: int) -> Tensor:
         P = state.num_prefix
-        n = x.shape[1] - P
-        r = min(self.r, n // 2)
-        if r > 0:
-            scores = weighted_pagerank(extras.probs.detach().float(), self.iterations)[:, :, P:]
-            importance = head_filtered_importance(scores, self.var_min, self.var_max)
-            keep = zerotprune_keep(importance, extras.keys[:, P:].detach(), r)
-            x = prune_to(x, with_prefix(keep, P), state)
-        state.record(block, x)
-        return x
+        scores = weighted_pagerank(extras.probs.detach().float(), self.iterations)[:, :, P:]
+        importance = head_filtered_importance(scores, self.var_min, self.var_max)
+        return prune_to(x, with_prefix(zerotprune_keep(importance, extras.keys[:, P:].detach(), r), P), state)
 
 
 class ZeroTPrune(BlockReducerMethod):
@@ -94,14 +82,13 @@ class ZeroTPrune(BlockReducerMethod):
 
     def validate(self) -> None:
         c = self.config
-        if not isinstance(c["r"], (list, tuple)):
-            check_count(c["r"], "r")
+        check_counts(c["r"])
         it = c["iterations"]
         if it is not None:
             for v in (it if isinstance(it, (list, tuple)) else [it]):
                 check_count(v, "iterations", minimum=1)
-        check_number(c["var_min"], "var_min", 0.0, float("inf"))
-        check_number(c["var_max"], "var_max", 0.0, float("inf"))
+        check_number(c["var_min"], "var_min", 0)
+        check_number(c["var_max"], "var_max", 0)
         if c["var_max"] < c["var_min"]:
             raise TokenSparseError(f"var_max ({c['var_max']}) must not be below var_min ({c['var_min']})")
 

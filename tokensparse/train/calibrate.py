@@ -51,7 +51,7 @@ from ..spec import parse_spec
 from ..state import TokenState
 from ..utils import check_writable_folder, progress_bar, remove_stale_temp_files, resolve_device
 from .config import LearningConfig, check_bool, check_int, check_number
-from .finetune import WarmupCosine, mix_seed, seed_everything
+from .finetune import adamw_schedule, mix_seed, seed_everything
 from .losses import DynamicViTLoss, Teacher, logit_distillation
 
 
@@ -394,12 +394,9 @@ def calibrate_dynamicvit(model: nn.Module, dataset: Dataset, method: str = "dyna
         cache.stage_tokens, cache.stage_scores = [], []
     best = (held_out_distance(model, held, cfg.batch_size, dev), copy.deepcopy(dv.learned_state(model))) \
         if held is not None else None
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     n = len(cache)
-    per_epoch = max(1, -(-n // cfg.batch_size))
+    optimizer, scheduler, per_epoch = adamw_schedule(params, cfg, n)
     total = per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(round(cfg.warmup_epochs * per_epoch), total, cfg.min_lr / cfg.lr))
     ratio_weight = dv.default_ratio_weight(model) if cfg.ratio_weight is None else cfg.ratio_weight
     distill_weight = cfg.distill_weight if cache.logits is not None else 0.0
     loss_fn = DynamicViTLoss(ratio_weight, distill_weight, cfg.token_weight, ce_weight=0.0)

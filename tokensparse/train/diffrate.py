@@ -31,7 +31,7 @@ from ..spec import format_spec
 from ..utils import progress_bar, resolve_device
 from .calibrate import cache_teacher, forward_from
 from .config import LearningConfig, check_int, check_number
-from .finetune import WarmupCosine, mix_seed, seed_everything
+from .finetune import adamw_schedule, mix_seed, seed_everything
 from .losses import logit_distillation
 
 
@@ -148,12 +148,9 @@ def calibrate_diffrate(model: nn.Module, dataset: Dataset, gmacs_target: float,
         params = [p for r in reducers[1:] for p in r.rates.parameters()]
         for p in params:
             p.requires_grad_(True)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         n = len(cache)
-        per_epoch = max(1, -(-n // cfg.batch_size))
+        optimizer, scheduler, per_epoch = adamw_schedule(params, cfg, n)
         total = per_epoch * cfg.epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, WarmupCosine(round(cfg.warmup_epochs * per_epoch), total, cfg.min_lr / cfg.lr))
         predicted: list[float] = []
         with progress_bar("diffrate", total, progress) as advance:
             for epoch in range(cfg.epochs):

@@ -181,6 +181,18 @@ class WarmupCosine:
         return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def adamw_schedule(params: list[nn.Parameter], cfg: LearningConfig, n: int) -> tuple[
+        torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR, int]:
+    """AdamW on ``params`` at ``cfg.lr`` with ``cfg.warmup_epochs`` of warm-up then a cosine decay to
+    ``cfg.min_lr`` over ``cfg.epochs`` epochs of ``n`` items; returns the optimiser, the scheduler
+    (stepped once per batch) and the batches per epoch."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = max(1, -(-n // cfg.batch_size))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(round(cfg.warmup_epochs * per_epoch), per_epoch * cfg.epochs, cfg.min_lr / cfg.lr))
+    return optimizer, scheduler, per_epoch
+
+
 class _NamedParameters:
     """Some of a model's ``(name, parameter)`` pairs, shaped as timm's
     :func:`~timm.optim.param_groups_weight_decay` reads a model."""
