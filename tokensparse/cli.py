@@ -565,7 +565,7 @@ def add_calibrate_parser(subparsers: Any) -> None:
     p.add_argument("--granularity", type=positive_int, default=DiffRateConfig.granularity, metavar="N",
                    help="diffrate: the gap between candidate token counts (default: %(default)s)")
     p.add_argument("--gmacs-weight", type=float, default=DiffRateConfig.gmacs_weight, metavar="W",
-                   help="diffrate: weight of (GMACs - target)^2 in the loss (default: %(default)s)")
+                   help="diffrate: weight of ((GMACs - target) / target)^2 in the loss (default: %(default)s)")
     add_overwrite_arg(p)
     p.add_argument("--no-flip", action="store_true", help="do not add mirrored copies of the images")
     p.add_argument("--views", type=non_negative_int, default=CalibrateConfig.views, metavar="N",
