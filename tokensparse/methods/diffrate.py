@@ -135,7 +135,6 @@ class DiffRateReducer(TokenReducer):
         state.record(block, x)
         return x
 
-
     def learn(self, x: Tensor, extras: AttentionExtras, state: TokenState, block: int) -> Tensor:
         """DiffRate's training pass (the authors' ``DiffRateBlock.forward`` in training mode): tokens sorted
         by class attention (masked ones last), the pruned ones masked, the merged ones averaged into their
@@ -211,8 +210,7 @@ def _counts(value: Any, name: str, depth: int) -> list[int | None]:
 
 class DiffRate(BlockReducerMethod):
     name = "diffrate"
-    summary = ("DiffRate: per block, keep the patch tokens with the highest class attention, then merge the "
-               "least important kept ones into their most similar important token (schedules learned by calibrate)")
+    summary = "DiffRate: prune by class attention, merge the least important kept tokens (counts learned by calibrate)"
     needs_class_token = True
     options = (
         OptionInfo("prune_kept", None, "patch tokens kept after pruning, one per block; default the authors' "

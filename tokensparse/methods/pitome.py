@@ -89,8 +89,7 @@ class PiToMeReducer(CountReducer):
 
 class PiToMe(BlockReducerMethod):
     name = "pitome"
-    summary = ("PiToMe: merge the tokens with the highest energy (many close neighbours), protecting isolated "
-               "ones (training-free)")
+    summary = "PiToMe: merge the tokens with the highest energy (many close neighbours), protect isolated ones"
     options = (
         OptionInfo("ratio", 0.9, "share of the patch tokens kept in every block, in [0.5, 1] (the authors' knob)"),
         OptionInfo("r", None, "tokens merged per block (an int, or a list with one entry per block); replaces ratio"),

@@ -107,8 +107,7 @@ class PPTReducer(CountReducer):
 
 class PPT(BlockReducerMethod):
     name = "ppt"
-    summary = ("PPT: per image, pool (merge) tokens where attention is flat and prune inattentive "
-               "ones where it is peaked, at a few blocks")
+    summary = "PPT: per image, pool (merge) tokens where attention is flat, prune inattentive ones where it is peaked"
     needs_class_token = True
     options = (
         OptionInfo("r", None, "tokens removed at each location (int, or one per location); "

@@ -70,8 +70,7 @@ class ZeroTPruneReducer(CountReducer):
 
 class ZeroTPrune(BlockReducerMethod):
     name = "zerotprune"
-    summary = ("Zero-TPrune: rank tokens by weighted PageRank on the attention graph, prune the less important "
-               "ones most similar to an important one (training-free)")
+    summary = "Zero-TPrune: PageRank importance on the attention graph, then prune unimportant look-alikes"
     options = (
         OptionInfo("r", 13, "tokens pruned per block: an int, or a list with one entry per block"),
         OptionInfo("iterations", None, "PageRank iterations: an int, or one per block; default 30 in the first "

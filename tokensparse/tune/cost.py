@@ -33,6 +33,7 @@ class Schedule:
         before = sum(a < m for a, m in zip(self.attention[1:], self.mlp[:-1]))
         return inner + before
 
+
 def probe(model: nn.Module, family: TokenFamily, size: Sequence[int], count: bool = True) -> Schedule:
     """One image through ``model`` (as patched now), counting each block's attention and MLP tokens,
     and its GMACs when ``count`` (NaN otherwise: a plain pass is about 10x cheaper)."""
@@ -58,6 +59,7 @@ def probe(model: nn.Module, family: TokenFamily, size: Sequence[int], count: boo
             h.remove()
     depth = len(family.blocks)
     return Schedule([counts[i, 0] for i in range(depth)], [counts[i, 1] for i in range(depth)], g)
+
 
 class CostModel:
     """Predicted seconds of a batch from a schedule.
@@ -106,6 +108,7 @@ class CostModel:
     def speedup(self, schedule: Schedule, method: str) -> float:
         return self.total / self.seconds_of(schedule, method)
 
+
 def time_blocks(family: TokenFamily, batch: int, grid: list[int], device: torch.device, dtype: torch.dtype,
                 reps: int = 7) -> list[float]:
     """Median seconds of block 0 (unpatched) on ``(batch, n, C)`` tokens for each ``n`` of ``grid``."""
@@ -125,13 +128,16 @@ def time_blocks(family: TokenFamily, batch: int, grid: list[int], device: torch.
             out.append(statistics.median(times))
     return out
 
+
 def autocast_for(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
+
 GRID = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 """Token counts the cost model times a block at, as shares of the patch tokens."""
+
 
 def time_embedding(family: TokenFamily, images: Tensor, device: torch.device, dtype: torch.dtype) -> float:
     """Median seconds of the model's embedding (everything before block 0) on one batch."""

@@ -43,6 +43,7 @@ class Candidate:
     pareto: bool = False
     timings: int = 1
 
+
 @dataclass
 class TuneResult:
     """What :func:`tune` found: the measured candidates (``rows``: unreduced, defaults, finalists
@@ -62,6 +63,7 @@ class TuneResult:
     """A feature extractor: ``agreement`` is neighbour agreement and ``kl`` is ``1 -`` the mean cosine
     similarity of the embeddings (:func:`embedding_scores`)."""
 
+
 def pareto(rows: list[Candidate], kind: str) -> list[Candidate]:
     """Rows no other row beats on both speed (measured speed-up, or GMACs) and held-out KL."""
     def better(a: Candidate, b: Candidate) -> bool:
@@ -72,9 +74,11 @@ def pareto(rows: list[Candidate], kind: str) -> list[Candidate]:
         r.pareto = r in front
     return front
 
+
 def write_tune_csv(rows: Sequence[Candidate], path: str | Path) -> Path:
     """Every measured row (atomically), with the columns of :class:`Candidate`."""
     return write_rows_csv(rows, Candidate, path)
+
 
 def plot_tune(result: TuneResult, out: str | Path | None = None, title: str = "") -> Figure:
     """Held-out KL and agreement against measured speed-up (or GMACs): the front, the hand-set

@@ -47,13 +47,16 @@ def load_images(images: str | Path, model: nn.Module, wnids: str | Path | None,
     labels = torch.tensor([lab for _, lab in items])
     return x, (None if bool((labels == UNLABELLED).all()) else labels)
 
+
 def batches(x: Tensor, batch_size: int) -> list[Tensor]:
     return [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+
 
 def default_methods(model: nn.Module) -> list[str]:
     """Every tunable training-free method searched by default that supports ``model`` (``mix`` is
     searched when named)."""
     return [name for name, knob in TUNABLE.items() if knob.by_default and knob.supports(model)]
+
 
 def _number(text: str) -> float | None:
     """``"1.5"`` or ``"1.5x"`` as a number, else None."""
@@ -61,6 +64,7 @@ def _number(text: str) -> float | None:
         return float(text.strip().removesuffix("x").removesuffix("X"))
     except ValueError:
         return None
+
 
 def check_methods(methods: Sequence[str] | None, model: nn.Module | None = None) -> list[str] | None:
     """The method names to search (None: the defaults), checked: a list of tunable names (a
@@ -84,6 +88,7 @@ def check_methods(methods: Sequence[str] | None, model: nn.Module | None = None)
                                    f"tunable here: {', '.join(supported) or 'none'}")
     return names
 
+
 def _why_not(name: str, model: nn.Module) -> str:
     """Why a tunable method does not support ``model``: the first part that refuses it, in its own words."""
     for part in TUNABLE[name].methods():
@@ -94,6 +99,7 @@ def _why_not(name: str, model: nn.Module) -> str:
                 return f"{part} scores tokens by class attention and this model has no class token"
             return f"{part} does not support {family.name} models"
     return "not supported"
+
 
 def check_target(speedup: float | str | None, gmacs_target: float | None) -> tuple[str, float | str]:
     """``("speedup" | "gmacs", target)``: a speed-up > 1, a method spec (its measured speed-up), or
@@ -121,6 +127,7 @@ def check_target(speedup: float | str | None, gmacs_target: float | None) -> tup
         raise TokenSparseError(f"speedup must be a number > 1 (how many times faster than unreduced), got {speedup!r}")
     return "speedup", float(speedup)
 
+
 SEARCH_IMAGES = 1024
 """The most even positions used: the first half, at most :data:`SCREEN_IMAGES`, screens schedules,
 the rest selects among the finalists (so the choice is not made on the images the screening
@@ -129,6 +136,7 @@ held out for the reported numbers."""
 
 SCREEN_IMAGES = 128
 """The most images a schedule is screened on (each of about a hundred schedules runs on them)."""
+
 
 @dataclass
 class _Setup:
@@ -151,6 +159,7 @@ class _Setup:
     base_gmacs: float
     target_row: str | None
     """The row whose measured speed-up is the target (a spec target), or None."""
+
 
 def make_setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids: str | Path | None, limit: int | None,
            search_images: int, names: list[str], kind: str, target_spec: float | str, batch_size: int,
@@ -239,8 +248,10 @@ def make_setup(model: nn.Module, family: TokenFamily, images: str | Path, wnids:
                   None if labels is None else labels[1::2], cost, defaults, float(target), goal, n_all - P, kind,
                   base_gmacs, target_row)
 
+
 MARGIN = 0.02
 """The search aims this much past a speed-up target: the final timing, on a busy machine, varies."""
+
 
 def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = None,
          gmacs: float | None = None, methods: Sequence[str] | None = None, wnids: str | Path | None = None,
@@ -322,6 +333,7 @@ def tune(model: nn.Module, images: str | Path, *, speedup: float | str | None = 
                      f"{search_start - t0:.0f} s here) and measuring the finalists run whole")
     return TuneResult(rows, front, choice, target, kind, met, seconds, search_s, notes, setup.held.features)
 
+
 FINALIST_METHODS = 3
 """Methods whose best schedule is timed for real (the best by screening KL)."""
 
@@ -334,6 +346,7 @@ REFINED_METHODS = 2
 FRONT_LEVELS = (0.5, 0.75)
 """Besides the target, the best schedule's shape is also scaled to these shares of the target's
 speed-up (or GMACs saving), for the front."""
+
 
 def _search(search: Search, names: list[str], setup: _Setup, deadline: float) -> list[tuple[Point, str]]:
     """Every method's shapes at the goal (70% of the time, split evenly), then the two best methods'
@@ -364,11 +377,13 @@ def _search(search: Search, names: list[str], setup: _Setup, deadline: float) ->
                 out.append((point, "path"))
     return out
 
+
 def _level_goal(setup: _Setup, level: float) -> float:
     """The cost ``level`` of the way from no reduction to the goal (speed-up, or GMACs saved)."""
     if setup.kind == "speedup":
         return setup.cost.total / (1 + level * (setup.cost.total / setup.goal - 1))
     return setup.base_gmacs - level * (setup.base_gmacs - setup.goal)
+
 
 def _finalists(points: list[tuple[Point, str]], defaults: dict[str, str], cost: CostModel) -> list[Candidate]:
     """Rows to time: the unreduced model, the defaults and the searched points."""
@@ -380,6 +395,7 @@ def _finalists(points: list[tuple[Point, str]], defaults: dict[str, str], cost: 
                                   predicted_speedup=cost.total / cost.seconds_of(p.schedule, p.method),
                                   search_agreement=p.agreement, search_kl=p.kl))
     return rows
+
 
 def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, batch_size: int,
                        threads: int | None, device: torch.device, dtype: str, runs: int,
@@ -424,16 +440,19 @@ def _measure_finalists(model: nn.Module, rows: list[Candidate], setup: _Setup, b
     rows.sort(key=lambda r: r.speedup)
     return kept
 
+
 CLOSE = 0.05
 """A measured speed-up within this share of the target is a close call."""
 
 CLOSE_TIMINGS = 3
 """Interleaved timings of a close call (the first included): the speed-up is their median."""
 
+
 def _speedups(times: dict[str, list[float]]) -> dict[str, list[float]]:
     """One timing's speed-up of every model over the unreduced one (ratio of medians), as a list."""
     base = statistics.median(times[BASELINE])
     return {name: [base / statistics.median(t)] for name, t in times.items()}
+
 
 def _close_calls(rows: list[Candidate], speedups: dict[str, list[float]], setup: _Setup) -> list[str]:
     """Rows whose first measured speed-up is within :data:`CLOSE` of the target, and the target's
@@ -445,22 +464,27 @@ def _close_calls(rows: list[Candidate], speedups: dict[str, list[float]], setup:
         close.append(setup.target_row)
     return close
 
+
 def _same_config(a: str, b: str) -> bool:
     """Whether two specs name the same method with the same options (defaults filled in)."""
     (na, oa), (nb, ob) = parse_spec(a), parse_spec(b)
     return na == nb and get_method(na)(**oa).config == get_method(nb)(**ob).config
 
+
 def _meets(r: Candidate, kind: str, target: float) -> bool:
     return (r.speedup or 0) >= target if kind == "speedup" else (r.gmacs or math.inf) <= target + 1e-9
+
 
 NOISE_Z = 2.0
 """A searched schedule is preferred to the best hand-set default only when its mean kept
 log-probability on the selection images is higher by more than this many standard errors of
 the per-image differences (paired: the same images)."""
 
+
 def _rank(r: Candidate) -> tuple[float, float]:
     """How a row ranks on the selection images: kept log-probability, KL breaking ties."""
     return (r.select_logp, -r.select_kl)
+
 
 def beyond_noise(new: Tensor, old: Tensor, z: float = NOISE_Z) -> bool:
     """Whether per-image scores ``new`` beat ``old`` (the same images) by more than ``z`` standard
@@ -470,6 +494,7 @@ def beyond_noise(new: Tensor, old: Tensor, z: float = NOISE_Z) -> bool:
         return False
     se = d.std().item() / math.sqrt(d.numel())
     return d.mean().item() > z * se
+
 
 def _choose(rows: list[Candidate], kind: str, target: float,
             kept: dict[str, Tensor] | None = None) -> tuple[Candidate, bool]:

@@ -77,6 +77,7 @@ class Evaluator:
                     state.finish()
         return torch.cat(out)
 
+
 @dataclass
 class Point:
     """An evaluated schedule: its values, spec, token counts, cost and fidelity on the search images."""
@@ -91,6 +92,7 @@ class Point:
     weights: dict[int, float] = field(default_factory=dict)  # the shape it was scaled from
     cut: bool = False
     halves: tuple[float, ...] = ()  # KL on the even and on the odd screening images
+
 
 class Search:
     """One tune run's search: every method's shapes scaled to the goal, then the best refined."""
@@ -184,11 +186,13 @@ class Search:
                         point, improved = new, True
         return point
 
+
 def embedding_scores(embeddings: Tensor, reference: Tensor) -> tuple[float, float]:
     """A feature extractor's ``(agreement, distance)``, tune's ``(agreement, KL)`` for classifiers:
     neighbour agreement (%) and ``1 -`` the mean cosine similarity to the unreduced embeddings."""
     agreement, cosine = embedding_fidelity(embeddings, reference)
     return agreement, 1.0 - cosine
+
 
 def scores_for(features: bool) -> tuple[Callable[[Tensor, Tensor], tuple[float, float]],
                                          Callable[[Tensor, Tensor], Tensor]]:
@@ -196,6 +200,7 @@ def scores_for(features: bool) -> tuple[Callable[[Tensor, Tensor], tuple[float, 
     classifiers' agreement / KL / log-probability of the unreduced top-1, or a feature extractor's
     neighbour agreement / ``1 - cosine`` / cosine similarity."""
     return (embedding_scores, cosine_to) if features else (fidelity, kept_logprob)
+
 
 def refines(new: Point, old: Point) -> bool:
     """Whether a refinement step is kept: it lowers the screening KL by more than 3%, and on both

@@ -96,6 +96,7 @@ class Knob:
         """The block a pass of ``values`` can resume at (its first reduction)."""
         return min((b for b, v in values.items() if v > 0), default=0) if self.resumable else 0
 
+
 def _profile(locs: list[int], profile: str) -> dict[int, float]:
     """Weights over ``locs``: ``flat`` (all 1), ``falling`` (1.5 to 0.5) or ``rising`` (0.5 to 1.5)."""
     n = len(locs)
@@ -103,6 +104,7 @@ def _profile(locs: list[int], profile: str) -> dict[int, float]:
         return dict.fromkeys(locs, 1.0)
     ramp = [1.5 - i / (n - 1) for i in range(n)]
     return dict(zip(locs, ramp if profile == "falling" else ramp[::-1]))
+
 
 class ToMeKnob(Knob):
     """ToMe: ``values[block]`` tokens merged in that block (``r`` per block)."""
@@ -119,6 +121,7 @@ class ToMeKnob(Knob):
     def limit(self, values: dict[int, int], loc: int) -> int:
         return self._before(values, loc) // 2  # ToMe merges at most half of the patch tokens per block
 
+
 class MCTFKnob(ToMeKnob):
     """MCTF: as ToMe, from block 1 (the authors' setting), leaving at least ten tokens (theirs). No
     cut: at its default MCTF merges after the block, which saves nothing in the last one."""
@@ -133,17 +136,21 @@ class MCTFKnob(ToMeKnob):
         before = self._before(values, loc)
         return max(0, min(before // 2, before + self.num_prefix - MCTF_MIN_TOKENS))
 
+
 class ToFuKnob(ToMeKnob):
     """ToFu: as ToMe (``r`` per block: pruned before its switch block, merged by MLERP after)."""
     method = "tofu"
+
 
 class PiToMeKnob(ToMeKnob):
     """PiToMe: ``r`` per block, as ToMe (replacing the authors' one keep ratio for every block)."""
     method = "pitome"
 
+
 class ZeroTPruneKnob(ToMeKnob):
     """Zero-TPrune: ``r`` patch tokens pruned per block, at most the less important half."""
     method = "zerotprune"
+
 
 class DiffRateKnob(Knob):
     """DiffRate: ``values[block]`` patch tokens removed in that block, half pruned (by class attention),
@@ -163,6 +170,7 @@ class DiffRateKnob(Knob):
 
     def limit(self, values: dict[int, int], loc: int) -> int:
         return max(0, self._before(values, loc) - 1)
+
 
 class TopKKnob(Knob):
     """Top-K / EViT: ``values[loc]`` patch tokens dropped at ``loc`` (EViT keeps one fused token more)."""
@@ -184,9 +192,11 @@ class TopKKnob(Knob):
     def limit(self, values: dict[int, int], loc: int) -> int:
         return max(0, self._before(values, loc) - 1)
 
+
 class EViTKnob(TopKKnob):
     method = "evit"
     fuse = True
+
 
 class PPTKnob(Knob):
     method = "ppt"
@@ -199,6 +209,7 @@ class PPTKnob(Knob):
 
     def limit(self, values: dict[int, int], loc: int) -> int:
         return self._before(values, loc) // 2  # both branches remove at most half of the patch tokens
+
 
 class EvoViTKnob(Knob):
     """Evo-ViT: ``values[stage start]`` patch tokens sent down the fast path in that stage."""
@@ -221,6 +232,7 @@ class EvoViTKnob(Knob):
 
     def limit(self, values: dict[int, int], loc: int) -> int:
         return self.patches - 1
+
 
 class MixKnob(Knob):
     """PPT at its default blocks (1/4, 1/2, 3/4 of the depth), ToMe at every other block, and at
@@ -272,9 +284,11 @@ class MixKnob(Knob):
         n = self._before(values, loc)
         return max(0, n - 1) if loc == self.cut else n // 2  # ppt and tome: at most half per block
 
+
 def _rate_for(kept: int, n: int) -> float:
     """The shortest keep rate (4 decimals) with ``floor(n * rate) == kept`` (Evo-ViT's rounding)."""
     return min(1.0, math.ceil(kept / n * 1e4) / 1e4)
+
 
 TUNABLE: dict[str, type[Knob]] = {k.method: k for k in (ToMeKnob, MCTFKnob, ToFuKnob, PiToMeKnob, ZeroTPruneKnob,
                                                          DiffRateKnob, TopKKnob, EViTKnob, PPTKnob, EvoViTKnob, MixKnob)}
