@@ -3,7 +3,9 @@
 - ``<!-- tokensparse:cli -->``: the ``--help`` of ``tokensparse`` and of every command, from the argparse
   parsers ``tokensparse.cli.build_parser`` builds;
 - ``<!-- tokensparse:options NAME -->``: a table of method NAME's options, defaults and help, and the
-  model families it supports, from the method registry.
+  model families it supports, from the method registry;
+- in every page's HTML, the Sphinx roles of the docstrings (``:func:``, ``:class:``, ...) are dropped,
+  their code spans kept, so the API reference shows no raw markup.
 """
 from __future__ import annotations
 
@@ -48,3 +50,11 @@ def on_page_markdown(markdown: str, page: object, config: object, files: object)
     if MARK_CLI in markdown:
         markdown = markdown.replace(MARK_CLI, cli_reference())
     return MARK_OPTIONS.sub(lambda m: options_table(m.group(1)), markdown)
+
+
+ROLE = re.compile(r":(?:func|class|data|mod|meth|attr|exc|obj):(?=<code)")
+
+
+def on_page_content(html: str, page: object, config: object, files: object) -> str:
+    """Docstrings use Sphinx roles (``:func:`patch```): keep the code span, drop the role and a leading ``~``."""
+    return ROLE.sub("", html).replace("<code>~", "<code>")
