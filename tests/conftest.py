@@ -87,7 +87,8 @@ def image_folder(tmp_path) -> Path:
     return root
 
 
-REAL_SPECS = ("tome:r=13", "mctf", "evit:keep_rate=0.7", "topk", "ppt", "evovit:keep_rate=0.7")
+REAL_SPECS = ("tome:r=13", "mctf", "evit:keep_rate=0.7", "topk", "ppt", "evovit:keep_rate=0.7", "tofu", "pitome",
+              "diffrate", "zerotprune")
 """The training-free methods measured with real weights on the shared images (:func:`vit_tiny_real`)."""
 
 
