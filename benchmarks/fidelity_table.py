@@ -12,18 +12,10 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from shared_args import MODEL, add_shared_args  # this folder: run as a script
+from shared_args import add_shared_args, logits_of, shared_run  # this folder: run as a script
 
 from tokensparse.api import patch, unpatch
 from tokensparse.measure import fidelity, gmacs
-from tokensparse.models import create_model
-from tokensparse.tune import load_images
-
-
-def logits_of(model: torch.nn.Module, images: torch.Tensor, batch: int = 50) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)]).float()
 
 
 def main() -> None:
@@ -31,10 +23,7 @@ def main() -> None:
     p.add_argument("specs", nargs="+")
     add_shared_args(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = create_model(MODEL, weights=args.weights).eval()
-    images, labels = load_images(args.images, model, args.wnids, None)
-    reference = logits_of(model, images)
+    model, images, labels, reference = shared_run(args)
     parts = {"all": slice(None), "even": slice(0, None, 2), "odd": slice(1, None, 2)}
     head = " | ".join(f"{k:>5s} top-1 agree     KL" for k in parts)
     print(f"{len(images)} images\n{'spec':62s} {'GMACs':>6s} | {head}")

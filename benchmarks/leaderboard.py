@@ -23,15 +23,13 @@ import argparse
 import statistics
 from pathlib import Path
 
-import torch
 from matplotlib.figure import Figure
-from shared_args import MODEL, add_shared_args  # this folder: run as a script
+from shared_args import add_shared_args, logits_of, shared_run  # this folder: run as a script
 
 from tokensparse.api import patch, unpatch
 from tokensparse.families import get_family
 from tokensparse.measure import BASELINE, build_variants, fidelity, gmacs, timed_runs
-from tokensparse.models import create_model
-from tokensparse.tune import TUNABLE, load_images
+from tokensparse.tune import TUNABLE
 
 METHODS = ["tome", "mctf", "tofu", "pitome", "zerotprune", "diffrate", "topk", "evit", "ppt", "evovit"]
 AUTHORS_DIFFRATE = {  # their DeiT-Tiny schedules (class token counted), by GFLOPs
@@ -92,11 +90,6 @@ def spec_at(model, name: str, level: float) -> tuple[str, float]:
     return best
 
 
-def logits_of(model: torch.nn.Module, images: torch.Tensor, batch: int = 50) -> torch.Tensor:
-    with torch.inference_mode():
-        return torch.cat([model(images[i:i + batch]) for i in range(0, len(images), batch)]).float()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--levels", type=float, nargs="+", default=[0.73, 0.80])
@@ -107,10 +100,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("docs/leaderboard.png"))
     add_shared_args(p)
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    model = create_model(MODEL, weights=args.weights).eval()
-    images, labels = load_images(args.images, model, args.wnids, None)
-    reference = logits_of(model, images)
+    model, images, labels, reference = shared_run(args)
     base_top1 = (reference.argmax(1) == labels).float().mean().item() * 100
     rows = []  # (level, label, spec, gmacs)
     for level in args.levels:
