@@ -143,10 +143,18 @@ done
 record tune_vit_tiny_diffrate_gmacs0.80 tokensparse tune --model vit_tiny_patch16_224.augreg_in21k_ft_in1k \
   --weights "$W" --images "$I/images" --wnids "$I/wnids.txt" --gmacs 0.80 --methods diffrate --threads 2 --batch-size 64 \
   --out "$OUT/tune_vit_tiny_diffrate_gmacs0.80" --overwrite
+# DynamicViT's predictors calibrated on the even-position images at the rho that lands at each level
+for rho in 0.64 0.7; do
+  record "dynamicvit_calibrate_even_rho$rho" tokensparse calibrate --model vit_tiny_patch16_224.augreg_in21k_ft_in1k \
+    --weights "$W" --images "$I/images" --split even --method "dynamicvit:rho=$rho" --threads 2 \
+    --out "$OUT/dynamicvit_even_rho$rho.safetensors" --overwrite
+done
 # every method at ~0.73 and ~0.80 GMACs: top-1, agreement, KL, speed-up; the plot docs/leaderboard.png
 record leaderboard python benchmarks/leaderboard.py --calibrated \
   "0.73=diffrate (calibrated)=$(cat "$OUT/diffrate_calibrated_0.73.spec")" \
-  "0.80=diffrate (calibrated)=$(cat "$OUT/diffrate_calibrated_0.80.spec")"
+  "0.80=diffrate (calibrated)=$(cat "$OUT/diffrate_calibrated_0.80.spec")" \
+  "0.73=dynamicvit (calibrated)=dynamicvit:rho=0.64,predictors=$OUT/dynamicvit_even_rho0.64.safetensors" \
+  "0.80=dynamicvit (calibrated)=dynamicvit:rho=0.7,predictors=$OUT/dynamicvit_even_rho0.7.safetensors"
 # fidelity to the authors' code: needs their logits, made outside this repository (see {pitome,diffrate}_fidelity.txt)
 if [ -n "${POST_TOME_REFERENCE:-}" ]; then
   R=$POST_TOME_REFERENCE
