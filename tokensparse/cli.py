@@ -592,7 +592,7 @@ def cmd_calibrate_diffrate(args: argparse.Namespace) -> int:
                           flip=not args.no_flip)
     cfg.validate()
     if args.out is not None:
-        check_output_file(args.out)
+        check_output_file(args.out, "the spec", "diffrate.spec")
         refuse_existing(args.out, "spec file", args.overwrite)
     model = learning_setup(args)
     data, skipped = training_images(args, model, training=False, labels=False)

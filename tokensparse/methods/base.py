@@ -166,24 +166,20 @@ def prune_to(x: Tensor, keep: Tensor, state: TokenState) -> Tensor:
     return gather_tokens(x, keep)
 
 
-def merge_patches(x: Tensor, assign: Tensor, n: int, state: TokenState, weight: Tensor | None = None,
-                  size: Tensor | None = None,
+def merge_patches(x: Tensor, assign: Tensor, n: int, state: TokenState,
                   pool: Callable[[Tensor, Tensor, Tensor, int], Tensor] | None = None) -> Tensor:
     """Merge the patch tokens of ``x`` ``(B, N, C)`` into ``n`` groups by ``assign`` ``(B, N - P)`` (a patch
     map, every entry in ``0..n-1``); prefix tokens stay first and untouched.
 
-    Each group is the average of its members weighted by ``weight`` ``(B, N - P, 1)`` (default their
-    sizes), or ``pool(x, size, assign, n)`` of the patch tokens when given; the new sizes are the
-    sums of ``size`` ``(B, N - P, 1)`` (default the sizes). Updates ``state``.
+    Each group is the size-weighted average of its members, or ``pool(x, size, assign, n)`` of the patch
+    tokens when given; sizes add up. Updates ``state``.
     """
     P = state.num_prefix
     sizes = state.sizes(x)
-    patch_size = sizes[:, P:] if size is None else size
-    xp = x[:, P:]
+    xp, size = x[:, P:], sizes[:, P:]
     if pool is not None:
-        merged = pool(xp, sizes[:, P:], assign, n)
+        merged = pool(xp, size, assign, n)
     else:
-        w = sizes[:, P:] if weight is None else weight
-        merged = sum_tokens(xp * group_weights(w, assign, n).to(x.dtype), assign, n)
-    state.update(prefix_assignment(assign, P), torch.cat([sizes[:, :P], sum_tokens(patch_size, assign, n)], dim=1))
+        merged = sum_tokens(xp * group_weights(size, assign, n).to(x.dtype), assign, n)
+    state.update(prefix_assignment(assign, P), torch.cat([sizes[:, :P], sum_tokens(size, assign, n)], dim=1))
     return torch.cat([x[:, :P], merged], dim=1)

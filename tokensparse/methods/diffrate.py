@@ -159,10 +159,7 @@ class DiffRateReducer(TokenReducer):
         mid = min(last, k1)
         k2 = int(merge_kept.item())
         if 0 < k2 < mid:
-            src, dst = xp[:, k2:mid], xp[:, :k2]
-            sim_max, idx = pairwise_cosine(src.detach(), dst.detach()).max(dim=-1)
-            count = add_tokens_(x.new_ones(B, k2, 1), idx, x.new_ones(B, mid - k2, 1))
-            merged = add_tokens_(dst.clone(memory_format=torch.contiguous_format), idx, src) / count
+            merged, sim_max, idx = join_similar(xp[:, :k2], xp[:, k2:mid])
             xp = torch.cat([merged, xp[:, k2:]], dim=1)
             scaled = torch.cat([size[:, :k2], size[:, k2:mid] * sim_max.unsqueeze(-1)], dim=1).clamp_min(1)
             size = torch.cat([add_tokens_(scaled[:, :k2].clone(), idx, scaled[:, k2:]), scaled[:, k2:],
@@ -177,6 +174,16 @@ class DiffRateReducer(TokenReducer):
         return x
 
 
+def join_similar(keep: Tensor, join: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each of the tokens ``join`` ``(B, m, C)`` joins its most similar of ``keep`` ``(B, k, C)`` (cosine; the
+    authors' ``scatter_reduce(mode="mean")``): the plain means of the groups ``(B, k, C)``, and each joining
+    token's similarity and target ``(B, m)``."""
+    sim_max, dst = pairwise_cosine(join.detach(), keep.detach()).max(dim=-1)
+    B, k, m = keep.shape[0], keep.shape[1], join.shape[1]
+    count = add_tokens_(keep.new_ones(B, k, 1), dst, keep.new_ones(B, m, 1))
+    return add_tokens_(keep.clone(memory_format=torch.contiguous_format), dst, join) / count, sim_max, dst
+
+
 def prune_and_merge(x: Tensor, important: Tensor, merged: Tensor, state: TokenState) -> Tensor:
     """DiffRate's pruning and merging in one pass over ``x`` ``(B, N, C)``: the patch tokens ``important``
     ``(B, k)`` stay (in that order), each of ``merged`` ``(B, m)`` joins its most similar important token
@@ -184,11 +191,7 @@ def prune_and_merge(x: Tensor, important: Tensor, merged: Tensor, state: TokenSt
     every other patch token is dropped. Updates ``state``."""
     P = state.num_prefix
     xp = x[:, P:]
-    keep, join = gather_tokens(xp, important), gather_tokens(xp, merged)
-    sim_max, dst = pairwise_cosine(join.detach(), keep.detach()).max(dim=-1)
-    ones = x.new_ones(x.shape[0], merged.shape[1], 1)
-    count = add_tokens_(x.new_ones(x.shape[0], important.shape[1], 1), dst, ones)
-    out = add_tokens_(keep.clone(memory_format=torch.contiguous_format), dst, join) / count
+    out, sim_max, dst = join_similar(gather_tokens(xp, important), gather_tokens(xp, merged))
     size = state.sizes(x)[:, P:]
     scaled = gather_tokens(size, merged) * sim_max.unsqueeze(-1).to(size.dtype)
     new_size = add_tokens_(gather_tokens(size, important).clone(memory_format=torch.contiguous_format), dst, scaled)
@@ -249,5 +252,6 @@ class DiffRate(BlockReducerMethod):
         return self.reducers(family.depth, family.num_positions())
 
 
-__all__ = ["AUTHORS_TINY_1G", "DiffRate", "DiffRateReducer", "RateChoice", "default_schedule", "prune_and_merge",
+__all__ = ["AUTHORS_TINY_1G", "DiffRate", "DiffRateReducer", "RateChoice", "default_schedule", "join_similar",
+           "prune_and_merge",
            "ste_ceil"]

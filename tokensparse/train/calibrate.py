@@ -285,13 +285,13 @@ def non_finite_error(what: str, epoch: int) -> TokenSparseError:
         f"(--lr) or check the loss weights, the model's weights and the images")
 
 
-def check_output_file(out: str | Path) -> Path:
+def check_output_file(out: str | Path, what: str = "predictors", example: str = "predictors.safetensors") -> Path:
     """Before calibrating: ``out`` is not a folder and its folder is writable (created if missing);
     temporary files a killed write of ``out`` left there are removed."""
     path = Path(out).expanduser()
     if path.is_dir():
-        raise TokenSparseError(f"cannot write predictors {str(path)!r}: it is a folder; give a file name "
-                               f"such as {str(path / 'predictors.safetensors')!r}")
+        raise TokenSparseError(f"cannot write {what} {str(path)!r}: it is a folder; give a file name "
+                               f"such as {str(path / example)!r}")
     check_writable_folder(path.parent, "output folder")
     remove_stale_temp_files(path.parent, (path.name,))
     return path
