@@ -127,8 +127,8 @@ class AttentionExtras:
     analysis and calibration targets, never a method's eval path); ``received``: ``(B, N)`` the
     mean attention each token receives, over heads and queries (MCTF's informativeness: the
     block's attention then runs on explicit probabilities, which it needs anyway); ``probs``:
-    ``(B, H, N, N)`` each head's attention probabilities (Zero-TPrune's attention graph: the block's
-    attention runs on them too, see :data:`EXPLICIT`).
+    each head's attention probabilities, a tuple of ``H`` tensors ``(B, N, N)`` (Zero-TPrune's attention
+    graphs: the block's attention runs on them too, one head at a time, see :data:`EXPLICIT`).
     """
     cls_attn: Tensor | None = None
     mean_attn: Tensor | None = None
@@ -136,7 +136,7 @@ class AttentionExtras:
     value_norm: Tensor | None = None
     attention: Tensor | None = None
     received: Tensor | None = None
-    probs: Tensor | None = None
+    probs: tuple[Tensor, ...] | None = None
 
 
 EXTRAS = frozenset({"cls_attn", "mean_attn", "keys", "value_norm", "attention", "received", "probs"})

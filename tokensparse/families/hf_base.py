@@ -37,7 +37,7 @@ from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.utils.generic import can_return_tuple
 
 from ..errors import TokenSparseError
-from ..ops import attention_probs, policy_softmax
+from ..ops import attention_by_head, policy_softmax
 from ..state import TokenState
 from .base import EXPLICIT, HOOK, AttentionExtras, BlockHook, attach, model_state, slot, swap_class
 from .hf import SUPPORTED_TRANSFORMERS, TESTED_TRANSFORMERS, HFFamily
@@ -136,8 +136,7 @@ class HFTokenAttention(nn.Module):
             weights = policy_softmax(logits if bias is None else logits + bias, keep)
             out = F.dropout(weights, p, self.training).to(v.dtype) @ v
         elif needs & EXPLICIT:
-            probs = attention_probs(q, k, scale, bias)
-            out = F.dropout(probs, p, self.training) @ v
+            out, probs = attention_by_head(q, k, v, scale, bias, lambda w: F.dropout(w, p, self.training))
         else:
             mask = None if bias is None else bias.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)

@@ -19,17 +19,26 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import TokenSparseError
-from ..ops import attention_matrix, attention_probs, class_attention, gather_tokens, policy_softmax, sum_tokens
+from ..ops import (
+    attention_by_head,
+    attention_matrix,
+    attention_probs,
+    class_attention,
+    gather_tokens,
+    policy_softmax,
+    sum_tokens,
+)
 from ..state import TokenState
 from .base import EXPLICIT, HOOK, AttentionExtras, BlockHook, TokenFamily, attach, block_hook, slot, swap_class
 
 
 def attention_extras(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None,
-                     needs: frozenset[str], probs: Tensor | None = None) -> AttentionExtras:
+                     needs: frozenset[str], probs: tuple[Tensor, ...] | None = None) -> AttentionExtras:
     """The :class:`AttentionExtras` fields named in ``needs`` from per-head ``q``, ``k``, ``v`` ``(B, H, N, D)``
-    (and the attention probabilities ``probs`` ``(B, H, N, N)`` when the attention computed them)."""
+    (and each head's attention probabilities ``probs`` ``(B, N, N)`` when the attention computed them)."""
     return AttentionExtras(
-        received=probs.mean(dim=(1, 2)) if probs is not None and "received" in needs else None,
+        received=torch.stack([p.mean(dim=1) for p in probs], dim=1).mean(dim=1)
+        if probs is not None and "received" in needs else None,
         probs=probs if "probs" in needs else None,
         cls_attn=class_attention(q, k, scale, bias) if "cls_attn" in needs else None,
         mean_attn=class_attention(q, k, scale, bias, query="mean") if "mean_attn" in needs else None,
@@ -91,8 +100,7 @@ class TokenAttention(Attention):
             weights = policy_softmax(logits if bias is None else logits + bias, keep)
             out = self.attn_drop(weights).to(v.dtype) @ v
         elif needs & EXPLICIT:
-            probs = attention_probs(q, k, self.scale, bias)
-            out = self.attn_drop(probs) @ v
+            out, probs = attention_by_head(q, k, v, self.scale, bias, self.attn_drop)
         elif self.fused_attn:
             mask = None if bias is None else bias.to(q.dtype)
             out = F.scaled_dot_product_attention(

@@ -23,11 +23,12 @@ probabilities, so a reducing block runs its attention on them instead of the fus
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import TokenSparseError
 from ..families import AttentionExtras
-from ..ops import head_filtered_importance, pairwise_cosine, weighted_pagerank, with_prefix
+from ..ops import gather_tokens, head_filtered_importance, weighted_pagerank, with_prefix
 from ..state import TokenState
 from .base import BlockReducerMethod, CountReducer, TokenReducer, prune_to
 from .options import OptionInfo, block_counts, check_count, check_counts, check_number
@@ -44,10 +45,8 @@ def zerotprune_keep(importance: Tensor, keys: Tensor, r: int) -> Tensor:
     n = importance.shape[1]
     order = importance.argsort(dim=-1, descending=True)
     top, low = order[:, :n - n // 2], order[:, n - n // 2:]
-    B, D = keys.shape[0], keys.shape[-1]
-    k_top = keys.gather(1, top.unsqueeze(-1).expand(B, top.shape[1], D))
-    k_low = keys.gather(1, low.unsqueeze(-1).expand(B, low.shape[1], D))
-    best = pairwise_cosine(k_low, k_top).amax(dim=-1)
+    unit = F.normalize(keys.float(), dim=-1)
+    best = (gather_tokens(unit, low) @ gather_tokens(unit, top).transpose(-1, -2)).amax(dim=-1)
     stay = best.argsort(dim=-1, descending=True)[:, r:].sort(dim=-1).values  # positions in `low`, by importance
     return torch.cat([top, low.gather(1, stay)], dim=1)
 
@@ -63,7 +62,8 @@ class ZeroTPruneReducer(CountReducer):
 
     def reduce(self, x: Tensor, extras: AttentionExtras, state: TokenState, r: int) -> Tensor:
         P = state.num_prefix
-        scores = weighted_pagerank(extras.probs.detach().float(), self.iterations)[:, :, P:]
+        scores = torch.stack([weighted_pagerank(p.detach().float(), self.iterations) for p in extras.probs], dim=1)
+        scores = scores[:, :, P:]
         importance = head_filtered_importance(scores, self.var_min, self.var_max)
         return prune_to(x, with_prefix(zerotprune_keep(importance, extras.keys[:, P:].detach(), r), P), state)
 

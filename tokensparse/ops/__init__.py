@@ -1,5 +1,6 @@
 """Small pure tensor functions every method is built from: score, select, merge, gather."""
 from .attention import (
+    attention_by_head,
     attention_matrix,
     attention_probs,
     attention_rollout,
@@ -36,6 +37,7 @@ from .select import (
 __all__ = [
     "MergePlan",
     "add_tokens_",
+    "attention_by_head",
     "attention_matrix",
     "attention_probs",
     "attention_rollout",

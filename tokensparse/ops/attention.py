@@ -2,6 +2,8 @@
 and attention biases for tokens that have (or lack) a grid position."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -53,6 +55,25 @@ def attention_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
     if bias is not None:
         logits = logits + bias.float()
     return logits.softmax(dim=-1).to(q.dtype)
+
+
+def attention_by_head(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None = None,
+                      dropout: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Attention on explicit probabilities, one head at a time: the output ``(B, H, N, D)`` of ``q``, ``k``,
+    ``v`` ``(B, H, N, D)`` and each head's probabilities ``(B, N, N)`` (:func:`attention_probs`, ``dropout``
+    applied to them before the values; ``bias`` broadcastable to ``(B, H, N, N)``).
+
+    A static loop over heads: each ``(B, N, N)`` buffer is a sixth of a ViT-S's ``(B, H, N, N)``
+    tensor, small enough for the cache and for the allocator to reuse, where one whole tensor is
+    fresh memory in every block (about 2x faster on a CPU; the same numbers).
+    """
+    outs, probs = [], []
+    for h in range(q.shape[1]):
+        b = bias if bias is None or bias.dim() < 4 else bias[:, h if bias.shape[1] > 1 else 0]
+        p = attention_probs(q[:, h], k[:, h], scale, b)
+        probs.append(p)
+        outs.append((p if dropout is None else dropout(p)) @ v[:, h])
+    return torch.stack(outs, dim=1), tuple(probs)
 
 
 def attention_rollout(matrices: list[Tensor], residual: float = 0.5) -> Tensor:

@@ -4,23 +4,35 @@ Pure tensor functions on patch tokens (callers split off prefix tokens).
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
 
 def energy_scores(sim: Tensor, margin: float, alpha: float = 1.0) -> Tensor:
     """PiToMe's energy ``(B, n)`` of each token from cosine similarities ``sim`` ``(B, n, n)``:
     ``mean_j elu(sim_ij - margin, alpha)`` (self included, as the authors' ``pitome_vision``).
-    High energy: a token with many close neighbours, safe to merge."""
-    return F.elu(sim - margin, alpha=alpha).mean(dim=-1)
+    High energy: a token with many close neighbours, safe to merge. An ordering score: no gradient.
+
+    Computed as ``max(d, 0) + alpha (exp(min(d, 0)) - 1)`` with ``d = sim - margin``, in place on one
+    ``n x n`` buffer: the ELU with ``exp(x) - 1`` for ``expm1(x)`` (equal up to rounding), about 7x faster
+    on a CPU than ``F.elu``, whose ``expm1`` dominated PiToMe's reduction cost.
+    """
+    d = sim.detach() - margin
+    e = d.clamp_max(0).exp_().sub_(1)
+    if alpha != 1.0:
+        e = e.mul_(alpha)
+    return e.add_(d.clamp_min_(0)).mean(dim=-1)
 
 
 def weighted_pagerank(probs: Tensor, iterations: int) -> Tensor:
-    """Zero-TPrune's weighted PageRank ``(B, H, N)`` on each head's attention graph ``probs`` ``(B, H, N, N)``
-    (row ``i``: how query ``i`` attends to every key): starting from ``1 / N``, ``iterations`` times
-    ``s_j <- sum_i probs_ij s_i``: a token is important when important tokens attend to it."""
+    """Zero-TPrune's weighted PageRank ``(..., N)`` on attention graphs ``probs`` ``(..., N, N)`` (row ``i``: how
+    query ``i`` attends to every key): starting from ``1 / N``, ``iterations`` times ``s_j <- sum_i probs_ij s_i``:
+    a token is important when important tokens attend to it.
+
+    Memory-bound (each iteration reads every graph): pass one head's graphs ``(B, N, N)`` at a
+    time, which stay in the CPU cache through the iterations (about 3x faster than all heads at once).
+    """
     N = probs.shape[-1]
-    s = probs.new_full(probs.shape[:-1], 1.0 / N).unsqueeze(-2)  # (B, H, 1, N)
+    s = probs.new_full(probs.shape[:-1], 1.0 / N).unsqueeze(-2)  # (..., 1, N)
     for _ in range(iterations):
         s = s @ probs
     return s.squeeze(-2)
