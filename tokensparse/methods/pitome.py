@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..families import AttentionExtras
-from ..ops import energy_scores, gather_tokens, group_assignment
+from ..ops import energy_scores_, gather_tokens, group_assignment
 from ..state import TokenState
 from .base import BlockReducerMethod, CountReducer, TokenReducer, merge_patches
 from .options import OptionInfo, block_counts, check_count, check_counts, check_number
@@ -50,7 +50,7 @@ def pitome_assignment(metric: Tensor, r: int, margin: float, alpha: float, bsm: 
     """
     unit = F.normalize(metric.float(), dim=-1)
     n = unit.shape[1]
-    order = energy_scores(unit @ unit.transpose(-1, -2), margin, alpha).argsort(dim=-1, descending=True)
+    order = energy_scores_(unit @ unit.transpose(-1, -2), margin, alpha).argsort(dim=-1, descending=True)
     if bsm:
         a_idx, b_idx = order[:, ::2], order[:, 1::2]
         best, partner = _cross(unit, a_idx, b_idx).max(dim=-1)

@@ -10,7 +10,7 @@ from .attention import (
     policy_softmax,
     size_bias,
 )
-from .graph import energy_scores, head_filtered_importance, weighted_pagerank
+from .graph import energy_scores, energy_scores_, head_filtered_importance, weighted_pagerank
 from .mctf import group_weights, mctf_assignment, mctf_scores, sum_tokens
 from .merge import (
     MergePlan,
@@ -44,6 +44,7 @@ __all__ = [
     "bipartite_soft_matching",
     "class_attention",
     "energy_scores",
+    "energy_scores_",
     "fuse_tokens",
     "gather_bias",
     "gather_tokens",

@@ -11,12 +11,19 @@ def energy_scores(sim: Tensor, margin: float, alpha: float = 1.0) -> Tensor:
     """PiToMe's energy ``(B, n)`` of each token from cosine similarities ``sim`` ``(B, n, n)``:
     ``mean_j elu(sim_ij - margin, alpha)`` (self included, as the authors' ``pitome_vision``).
     High energy: a token with many close neighbours, safe to merge. An ordering score: no gradient.
+    :func:`energy_scores_` on a copy."""
+    return energy_scores_(sim.detach().clone(), margin, alpha)
 
-    Computed as ``max(d, 0) + alpha (exp(min(d, 0)) - 1)`` with ``d = sim - margin``, in place on one
-    ``n x n`` buffer: the ELU with ``exp(x) - 1`` for ``expm1(x)`` (equal up to rounding), about 7x faster
-    on a CPU than ``F.elu``, whose ``expm1`` dominated PiToMe's reduction cost.
+
+def energy_scores_(sim: Tensor, margin: float, alpha: float = 1.0) -> Tensor:
+    """:func:`energy_scores`, overwriting ``sim`` (a buffer the caller owns and no longer needs).
+
+    The ELU of ``d = sim - margin`` as ``max(d, 0) + alpha (exp(min(d, 0)) - 1)``, elementwise the same
+    values but for ``exp(x) - 1`` in place of ``expm1(x)`` (equal up to rounding), on ``sim`` and one
+    more ``n x n`` buffer: about 5x faster on a CPU than ``F.elu(sim - margin).mean(-1)`` (whose
+    ``expm1`` and fresh buffers dominated PiToMe's reduction cost).
     """
-    d = sim.detach() - margin
+    d = sim.sub_(margin)
     e = d.clamp_max(0).exp_().sub_(1)
     if alpha != 1.0:
         e = e.mul_(alpha)
@@ -50,4 +57,4 @@ def head_filtered_importance(scores: Tensor, var_min: float, var_max: float) -> 
     return ((scores ** 2 * keep.unsqueeze(-1)).sum(dim=1) / keep.sum(dim=-1, keepdim=True)).sqrt()
 
 
-__all__ = ["energy_scores", "head_filtered_importance", "weighted_pagerank"]
+__all__ = ["energy_scores", "energy_scores_", "head_filtered_importance", "weighted_pagerank"]
