@@ -5,7 +5,8 @@ then times the *plain* timm blocks on sequences already cut to those counts, nex
 unpatched model and the patched model, interleaved in one process. The patched model's
 speed-up should come within a few percent of the limit's: the ``overhead`` column is how much
 longer the patched model takes than its limit (its reduction work, scoring included), to compare
-methods at the same token counts.
+methods at the same token counts. Methods whose token counts are the same share one limit (timed
+once), so their overheads have the same denominator.
 
     python benchmarks/overhead_limit.py --method tome:r=13 --method evit:keep_rate=0.7
 """
@@ -67,10 +68,16 @@ def main() -> None:
     base = timm.create_model(args.model).eval()
     x = torch.randn(args.batch_size, 3, *base.patch_embed.img_size)
     models: dict[str, nn.Module] = {"none": base}
+    limit_of: dict[str, str] = {}
+    by_counts: dict[tuple[tuple[int, int], ...], str] = {}
     for spec in args.method:
         patched = tokensparse.patch(copy.deepcopy(base), spec)
         models[spec] = patched
-        models[f"{spec} (limit)"] = CutBlocks(base, token_counts(patched, x))
+        counts = tuple(token_counts(patched, x))
+        if counts not in by_counts:
+            by_counts[counts] = f"{spec} (limit)"
+            models[by_counts[counts]] = CutBlocks(base, list(counts))
+        limit_of[spec] = by_counts[counts]
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():
@@ -84,7 +91,7 @@ def main() -> None:
     print(f"{args.model}, batch {args.batch_size}, {args.threads} threads, median of {args.runs} interleaved runs")
     print(f"{'':32s} {'img/s':>8s}  {'speed-up':>8s}  overhead")
     for k, t in med.items():
-        limit = med.get(f"{k} (limit)")
+        limit = med[limit_of[k]] if k in limit_of else None
         over = "" if limit is None else f"{100 * (t / limit - 1):+7.1f}%"
         print(f"{k:32s} {args.batch_size / t:8.1f}  {med['none'] / t:7.2f}x  {over}")
 

@@ -131,7 +131,7 @@ record mctf_faithfulness python benchmarks/fidelity_table.py none tome:r=13 "tom
 # ToFu, PiToMe, DiffRate, Zero-TPrune (issue 28). Reduction work against ToMe's at the same token counts
 DR13="diffrate:prune_kept=[189,176,163,150,137,124,111,98,85,72,59,46],merge_kept=[183,170,157,144,131,118,105,92,79,66,53,40]"
 for run in 1 2 3; do
-  record "overhead_limit_post_tome_run$run" python benchmarks/overhead_limit.py --method tome:r=13 --method tofu:r=13 \
+  record "overhead_limit_post_tome_run$run" python benchmarks/overhead_limit.py --runs 11 --method tome:r=13 --method tofu:r=13 \
     --method pitome:r=13 --method "$DR13" --method zerotprune:r=13
 done
 # DiffRate's rates learned on the even-position images at each level, and tune's diffrate schedule at 0.80
