@@ -43,14 +43,27 @@ def is_transformers_model(model: nn.Module) -> bool:
 class HFFamily(TokenFamily):
     """A family of ``transformers`` vision encoders, declared by class name.
 
-    ``classes`` maps each supported transformers class name to the attribute path of its
-    vision encoder (``""``: the model itself, ``"vit"``: ``model.vit``); ``module`` is the
-    file implementing the family, whose ``FAMILY`` subclasses this declaration.
+    A declaration is a subclass with keywords (:meth:`__init_subclass__`); ``classes`` maps each
+    supported transformers class name to the attribute path of its vision encoder (``""``: the model
+    itself, ``"vit"``: ``model.vit``); ``module`` is the file implementing the family, whose
+    ``FAMILY`` subclasses this declaration.
     """
     module: ClassVar[str] = ""
     classes: ClassVar[dict[str, str]] = {}
     pools: ClassVar[tuple[str, ...]] = ("model",)
     merges_ahead: ClassVar[bool] = True
+
+    def __init_subclass__(cls, family: str | None = None, classes: dict[str, str] | None = None,
+                          class_token: bool | None = None, note: str = "", **kwargs: Any) -> None:
+        """Declare a family ``family`` (e.g. ``"hf-vit"``) of the transformers ``classes`` (see the class
+        docstring); ``class_token``: whether its models have one (None: some do); ``note`` ends the
+        description, which lists the classes. Implemented in ``tokensparse.families.<family with _>``."""
+        super().__init_subclass__(**kwargs)
+        if family is None:  # an implementation subclassing a declaration
+            return
+        cls.name, cls.classes, cls.class_token_models = family, dict(classes or {}), class_token
+        cls.module = f"tokensparse.families.{family.replace('-', '_')}"
+        cls.description = f"Hugging Face transformers {', '.join(cls.classes)}{note}"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -74,43 +87,29 @@ class HFFamily(TokenFamily):
         return False
 
 
-class HFViTFamily(HFFamily):
-    name = "hf-vit"
-    description = ("Hugging Face transformers ViTModel, ViTForImageClassification, DeiTModel, "
-                   "DeiTForImageClassification, DeiTForImageClassificationWithTeacher")
-    module = "tokensparse.families.hf_vit"
-    class_token_models: ClassVar[bool | None] = True
-    classes: ClassVar[dict[str, str]] = {"ViTModel": "", "ViTForImageClassification": "vit", "DeiTModel": "",
-               "DeiTForImageClassification": "deit", "DeiTForImageClassificationWithTeacher": "deit"}
+class HFViTFamily(HFFamily, family="hf-vit", class_token=True, classes={
+        "ViTModel": "", "ViTForImageClassification": "vit", "DeiTModel": "", "DeiTForImageClassification": "deit",
+        "DeiTForImageClassificationWithTeacher": "deit"}):
+    """transformers ViT and DeiT."""
 
 
-class HFDinov2Family(HFFamily):
-    name = "hf-dinov2"
-    description = ("Hugging Face transformers Dinov2Model, Dinov2ForImageClassification, Dinov2WithRegistersModel, "
-                   "Dinov2WithRegistersForImageClassification")
-    module = "tokensparse.families.hf_dinov2"
-    class_token_models: ClassVar[bool | None] = True
-    classes: ClassVar[dict[str, str]] = {"Dinov2Model": "", "Dinov2ForImageClassification": "dinov2", "Dinov2WithRegistersModel": "",
-               "Dinov2WithRegistersForImageClassification": "dinov2_with_registers"}
+class HFDinov2Family(HFFamily, family="hf-dinov2", class_token=True, classes={
+        "Dinov2Model": "", "Dinov2ForImageClassification": "dinov2", "Dinov2WithRegistersModel": "",
+        "Dinov2WithRegistersForImageClassification": "dinov2_with_registers"}):
+    """transformers DINOv2, with or without registers."""
 
 
-class HFCLIPFamily(HFFamily):
-    name = "hf-clip"
-    description = ("Hugging Face transformers CLIPVisionModel, CLIPVisionModelWithProjection, "
-                   "CLIPForImageClassification (a CLIPModel's vision_model is a CLIPVisionModel)")
-    module = "tokensparse.families.hf_clip"
-    class_token_models: ClassVar[bool | None] = True
-    classes: ClassVar[dict[str, str]] = {"CLIPVisionModel": "", "CLIPVisionModelWithProjection": "vision_model",
-               "CLIPForImageClassification": "vision_model"}
+class HFCLIPFamily(HFFamily, family="hf-clip", class_token=True, note=(
+        " (a CLIPModel's vision_model is a CLIPVisionModel)"), classes={
+        "CLIPVisionModel": "", "CLIPVisionModelWithProjection": "vision_model",
+        "CLIPForImageClassification": "vision_model"}):
+    """transformers CLIP vision towers."""
 
 
-class HFSiglipFamily(HFFamily):
-    name = "hf-siglip"
-    description = ("Hugging Face transformers SiglipVisionModel, SiglipForImageClassification (a SiglipModel's "
-                   "vision_model is a SiglipVisionModel); no class token")
-    module = "tokensparse.families.hf_siglip"
-    class_token_models: ClassVar[bool | None] = False
-    classes: ClassVar[dict[str, str]] = {"SiglipVisionModel": "", "SiglipForImageClassification": "vision_model"}
+class HFSiglipFamily(HFFamily, family="hf-siglip", class_token=False, note=(
+        " (a SiglipModel's vision_model is a SiglipVisionModel); no class token"),
+        classes={"SiglipVisionModel": "", "SiglipForImageClassification": "vision_model"}):
+    """transformers SigLIP vision towers."""
 
 
 HF_FAMILIES: tuple[type[HFFamily], ...] = (HFViTFamily, HFDinov2Family, HFCLIPFamily, HFSiglipFamily)
