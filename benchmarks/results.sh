@@ -111,10 +111,10 @@ R16="[0,16,16,16,16,16,16,16,16,16,16,16]"
 for run in 1 2 3; do
   record "mctf_speed_vit_tiny_run$run" tokensparse bench --model vit_tiny_patch16_224 --batch-size 64 --threads 2 \
     --runs 10 --method "tome:r=$R16" --method mctf:r=16,one_step_ahead=true --method mctf:r=16,one_step_ahead=false \
-    --json "$OUT/mctf_speed_vit_tiny_run$run.json"
+    --json "$OUT/mctf_speed_vit_tiny_run$run.json" --overwrite
   record "mctf_speed_deit_small_run$run" tokensparse bench --model deit_small_patch16_224 --batch-size 32 --threads 2 \
     --runs 10 --method "tome:r=$R16" --method mctf:r=16,one_step_ahead=true --method mctf:r=16,one_step_ahead=false \
-    --json "$OUT/mctf_speed_deit_small_run$run.json"
+    --json "$OUT/mctf_speed_deit_small_run$run.json" --overwrite
 done
 # fidelity to the authors' code: needs their logits, made outside this repository (see mctf_fidelity.txt)
 if [ -n "${MCTF_REFERENCE:-}" ]; then

@@ -284,9 +284,16 @@ class TokenFamily(TimmParts):
     """True: every model of the family has a class token; False: none has; None: it depends on the model."""
     pools: ClassVar[tuple[str, ...]] = ("model",)
     can_add_class_token: ClassVar[bool] = False
+    model_classes: ClassVar[tuple[type, ...]] = ()
+    """The model classes of the family, for the default :meth:`matches`."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether ``model`` is an instance of one of :attr:`model_classes`."""
+        return isinstance(model, cls.model_classes)
 
     @property
     def num_prefix(self) -> int:

@@ -237,14 +237,11 @@ class TokenLevit(Levit):
 class LevitFamily(TokenFamily):
     """timm ``Levit``: three stages of attention blocks with relative-position biases, no class token."""
     name: ClassVar[str] = "levit"
+    model_classes: ClassVar[tuple[type, ...]] = (Levit,)
     description: ClassVar[str] = "timm Levit (levit_* and levit_conv_*)"
     reducible: ClassVar[bool] = False
     pools: ClassVar[tuple[str, ...]] = ("model", "mean", "token", "both")
     can_add_class_token: ClassVar[bool] = True
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, Levit)
 
     @property
     def blocks(self) -> Sequence[nn.Module]:

@@ -361,13 +361,10 @@ class TokenVisionTransformer(VisionTransformer):
 class ViTFamily(TokenFamily):
     """timm ``VisionTransformer`` built from timm's ``Block`` / ``Attention``."""
     name: ClassVar[str] = "vit"
+    model_classes: ClassVar[tuple[type, ...]] = (VisionTransformer,)
     description: ClassVar[str] = "timm VisionTransformer (ViT, DeiT, distilled DeiT, AugReg, register-token ViTs)"
     pools: ClassVar[tuple[str, ...]] = ("model", "mean")
     merges_ahead: ClassVar[bool] = True
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return isinstance(model, VisionTransformer)
 
     @property
     def blocks(self) -> Sequence[nn.Module]:

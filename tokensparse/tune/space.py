@@ -71,8 +71,9 @@ class Knob:
         raise NotImplementedError
 
     def limit(self, values: dict[int, int], loc: int) -> int:
-        """The most tokens location ``loc`` may remove given the earlier locations' values."""
-        raise NotImplementedError
+        """The most tokens location ``loc`` may remove given the earlier locations' values: all
+        but one (pruning methods; merging ones override)."""
+        return max(0, self._before(values, loc) - 1)
 
     def _before(self, values: dict[int, int], loc: int) -> int:
         """Patch tokens entering location ``loc`` after the earlier locations' values."""
@@ -168,9 +169,6 @@ class DiffRateKnob(Knob):
             merge.append(before - v)
         return format_spec(self.method, {"prune_kept": prune, "merge_kept": merge})
 
-    def limit(self, values: dict[int, int], loc: int) -> int:
-        return max(0, self._before(values, loc) - 1)
-
 
 class TopKKnob(Knob):
     """Top-K / EViT: ``values[loc]`` patch tokens dropped at ``loc`` (EViT keeps one fused token more)."""
@@ -188,9 +186,6 @@ class TopKKnob(Knob):
             return format_spec(self.method, {"tokens": self.patches, "locations": [self.depth - 1]})
         kept = [self._before(values, b) - values[b] for b in locs]
         return format_spec(self.method, {"locations": locs, "tokens": kept})
-
-    def limit(self, values: dict[int, int], loc: int) -> int:
-        return max(0, self._before(values, loc) - 1)
 
 
 class EViTKnob(TopKKnob):
