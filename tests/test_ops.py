@@ -10,10 +10,13 @@ from hypothesis import strategies as st
 from tokensparse.families import AttentionExtras
 from tokensparse.methods.topk import TopKReducer
 from tokensparse.ops import (
+    attention_by_head,
     attention_matrix,
     attention_rollout,
     bipartite_soft_matching,
     class_attention,
+    energy_scores,
+    energy_scores_,
     fuse_tokens,
     gather_tokens,
     keep_assignment,
@@ -139,3 +142,30 @@ def test_attention_matrix_matches_softmax_of_scaled_logits():
     torch.testing.assert_close(attention_matrix(q, k, 0.5), expected)
     cls = class_attention(q, k, 0.5).mean(1)  # its class-token row is what class_attention gives
     torch.testing.assert_close(attention_matrix(q, k, 0.5)[:, 0], cls)
+
+
+def test_attention_by_head_is_the_attention_and_its_probabilities():
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    bias = torch.randn(2, 1, 1, 5)  # proportional attention's shape: one bias per key, every head
+    probs = ((q @ k.transpose(-2, -1)) * 0.5 + bias).softmax(-1)
+    out, per_head = attention_by_head(q, k, v, 0.5, bias)
+    torch.testing.assert_close(out, probs @ v)
+    assert len(per_head) == 3
+    torch.testing.assert_close(torch.stack(per_head, dim=1), probs)
+    head_bias = torch.randn(2, 3, 5, 5)  # a bias per head
+    out, per_head = attention_by_head(q, k, v, 0.5, head_bias)
+    torch.testing.assert_close(out, ((q @ k.transpose(-2, -1)) * 0.5 + head_bias).softmax(-1) @ v)
+    doubled, _ = attention_by_head(q, k, v, 0.5, None, dropout=lambda p: 2 * p)  # dropout acts on the probabilities
+    torch.testing.assert_close(doubled, 2 * ((q @ k.transpose(-2, -1)) * 0.5).softmax(-1) @ v)
+
+
+def test_energy_is_the_mean_elu_and_the_in_place_form_overwrites_its_input():
+    sim = torch.rand(2, 6, 6) * 2 - 1
+    for margin, alpha in ((0.5, 1.0), (0.2, 0.7), (-0.3, 1.0)):
+        expected = torch.nn.functional.elu(sim - margin, alpha=alpha).mean(-1)
+        before = sim.clone()
+        torch.testing.assert_close(energy_scores(sim, margin, alpha), expected)
+        assert torch.equal(sim, before)  # the pure form leaves its input alone
+        buffer = sim.clone()
+        torch.testing.assert_close(energy_scores_(buffer, margin, alpha), expected)
+        assert not torch.equal(buffer, sim)  # used as scratch
