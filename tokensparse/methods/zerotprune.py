@@ -23,12 +23,11 @@ probabilities, so a reducing block runs its attention on them instead of the fus
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import TokenSparseError
 from ..families import AttentionExtras
-from ..ops import gather_tokens, head_filtered_importance, weighted_pagerank, with_prefix
+from ..ops import gather_tokens, head_filtered_importance, pairwise_cosine, weighted_pagerank, with_prefix
 from ..state import TokenState
 from .base import BlockReducerMethod, CountReducer, TokenReducer, prune_to
 from .options import OptionInfo, block_counts, check_count, check_counts, check_number
@@ -45,8 +44,7 @@ def zerotprune_keep(importance: Tensor, keys: Tensor, r: int) -> Tensor:
     n = importance.shape[1]
     order = importance.argsort(dim=-1, descending=True)
     top, low = order[:, :n - n // 2], order[:, n - n // 2:]
-    unit = F.normalize(keys.float(), dim=-1)
-    best = (gather_tokens(unit, low) @ gather_tokens(unit, top).transpose(-1, -2)).amax(dim=-1)
+    best = pairwise_cosine(gather_tokens(keys, low), gather_tokens(keys, top)).amax(dim=-1)
     stay = best.argsort(dim=-1, descending=True)[:, r:].sort(dim=-1).values  # positions in `low`, by importance
     return torch.cat([top, low.gather(1, stay)], dim=1)
 
