@@ -130,7 +130,7 @@ def test_the_choice_is_a_default_unless_a_schedule_beats_it_beyond_the_noise():
     noise = torch.randn(100, generator=g) * 0.05
 
     def row(spec, role, kept, kl=0.1, speedup=2.0):
-        return Candidate(spec, parse_spec(spec)[0], role, speedup=speedup, select_logp=kept.mean().item(),
+        return Candidate(parse_spec(spec)[0], spec, role, speedup=speedup, select_logp=kept.mean().item(),
                          select_kl=kl)
     within, beyond = base + 0.005 + noise, base + 0.03 + noise
     assert not beyond_noise(within, base) and beyond_noise(beyond, base)

@@ -142,6 +142,8 @@ def test_plot_sweep_png(tmp_path):
         w, h = fig.get_size_inches() * DPI
         assert img.size == (round(w), round(h))
     write_csv(rows, tmp_path / "sweep.csv")
+    with open(tmp_path / "sweep.csv", newline="") as f:
+        assert next(csv.reader(f)) == CSV_COLUMNS  # every field, in the CSV's own order
     again = read_csv(tmp_path / "sweep.csv")
     assert again == rows
     fig = plot_sweep(again, tmp_path / "gmacs.png", x="gmacs")

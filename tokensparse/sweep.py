@@ -10,17 +10,17 @@ import csv
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from matplotlib.figure import Figure
 from torch import nn
 
 from .errors import TokenSparseError
-from .measure import BASELINE, build_variants, measure_variants, random_predictors
+from .measure import BASELINE, MeasuredRow, build_variants, measure_variants, measured, random_predictors
 from .methods import REGISTRY, get_method
 from .spec import format_spec, parse_spec
 from .utils import write_rows_csv
-from .viz import save_figure
+from .viz import finish_figure
 
 #: method name -> (option swept, values); one table for every method.
 GRIDS: dict[str, tuple[str, tuple[Any, ...]]] = {
@@ -38,19 +38,16 @@ GRIDS: dict[str, tuple[str, tuple[Any, ...]]] = {
 
 
 @dataclass
-class SweepRow:
-    """One CSV row: a method at one knob value (or the unreduced model)."""
-    method: str
-    spec: str
+class SweepRow(MeasuredRow):
+    """One CSV row: a method at one knob value (or the unreduced model); ``img_per_s`` and ``top5``
+    besides :class:`~tokensparse.measure.MeasuredRow`'s numbers. ``columns``: the CSV's column order."""
+    columns: ClassVar[tuple[str, ...]] = ("method", "spec", "knob", "value", "gmacs", "img_per_s", "speedup",
+                                          "top1", "top5", "agreement", "cosine")
     knob: str = ""
     value: float | None = None
-    gmacs: float | None = None
-    img_per_s: float | None = None
-    speedup: float | None = None
-    top1: float | None = None
-    top5: float | None = None
-    agreement: float | None = None
-    cosine: float | None = None
+    img_per_s: float | None = measured()
+    top5: float | None = measured()
+    cosine: float | None = measured()
     """A feature extractor's mean cosine similarity to the unreduced embeddings (``agreement``: its
     nearest-neighbour agreement; see :mod:`tokensparse.measure.embedding`)."""
 
@@ -126,8 +123,7 @@ def measure(rows: Sequence[SweepRow], models: dict[str, nn.Module],
 
 
 def write_csv(rows: Sequence[SweepRow], path: str | Path) -> Path:
-    """Write rows (atomically) with columns method, spec, knob, value, gmacs, img_per_s, speedup,
-    top1, top5, agreement."""
+    """Write rows (atomically) with the columns :attr:`SweepRow.columns`."""
     return write_rows_csv(rows, SweepRow, path)
 
 
@@ -198,12 +194,7 @@ def plot_sweep(rows: Sequence[SweepRow], out: str | Path | None = None,
         _panel(ax, rows, xs, metric, label)
         ax.set_xlabel(X_AXES[x])
     axes[0, 0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    if out is not None:
-        save_figure(fig, out)
-    return fig
+    return finish_figure(fig, title, out)
 
 
 def read_csv(path: str | Path) -> list[SweepRow]:

@@ -89,8 +89,9 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[Any]], Any], 
 
 def write_rows_csv(rows: Sequence[Any], row_type: type, path: str | os.PathLike[str]) -> Path:
     """Write dataclass ``rows`` (atomically, :func:`atomic_write`) as CSV: one column per field of
-    ``row_type``, in its order; None as an empty cell."""
-    names = [f.name for f in dataclasses.fields(row_type)]
+    ``row_type``, in the order of its ``columns`` class attribute if it has one, else of its fields;
+    None as an empty cell."""
+    names = list(getattr(row_type, "columns", None) or (f.name for f in dataclasses.fields(row_type)))
 
     def write(f: IO[Any]) -> None:
         writer = csv.DictWriter(f, fieldnames=names)

@@ -278,6 +278,17 @@ def save_figure(fig: Any, out: str | Path, dpi: int = DPI) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
 
 
+def finish_figure(fig: Any, title: str | None, out: str | Path | None) -> Any:
+    """Give ``fig`` its ``title`` (if any), lay it out and save it to ``out`` (if given, :func:`save_figure`);
+    returns it."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    if out is not None:
+        save_figure(fig, out)
+    return fig
+
+
 def token_maps(model: str | nn.Module, methods: Sequence[str], image: str | Path,
                out: str | Path | None = None,
                weights: str | Path | None = None) -> Any:

@@ -319,33 +319,53 @@ class PooledClassifier(HFTokenModel):
 
 # ----------------------------------------------------------------------------- the family
 
+@dataclass(frozen=True)
+class EncoderLayout:
+    """Where a transformers vision encoder keeps its parts (attribute paths under the encoder).
+
+    ``blocks``: its layer list; ``embed``: the modules run before block 0, in order; ``final_norm``:
+    the norm applied to the final tokens (``last_hidden_state``), or None; ``class_token``: the
+    embeddings' class token parameter (None: no class token); ``extra_prefix``: further prefix-token
+    parameters ``(1, n, C)`` of the embeddings after it (distillation token, registers).
+    """
+    blocks: str = "layers"
+    embed: tuple[str, ...] = ("embeddings",)
+    final_norm: str | None = None
+    class_token: str | None = None
+    extra_prefix: tuple[str, ...] = ()
+
+
 class HFEncoderFamily(HFFamily):
     """A transformers vision-encoder family, parameterised by class attributes (see the module docstring).
 
-    ``layer`` / ``attention``: the :class:`HFTokenLayer` / :class:`HFTokenAttention` subclasses
-    with the family's layout; ``layer_classes`` / ``attention_classes`` / ``encoder_classes``:
-    the transformers classes they accept; ``embed``: the encoder's modules run before block 0,
-    in order; ``blocks_path``: where its layers are; ``final_norm``: the norm applied to the
-    final tokens (``last_hidden_state``), or None; ``class_token``: the embeddings' class
-    token parameter (None: no class token); ``extra_prefix``: further prefix-token parameters
-    ``(1, n, C)`` after it (distillation token, registers); ``logit_heads``: classifier class
+    ``layout``: its layers' :class:`LayerLayout` (a subclass gets its ``layer`` / ``attention``:
+    :class:`HFTokenLayer` / :class:`HFTokenAttention` subclasses with that layout);
+    ``encoder_layout``: the :class:`EncoderLayout`; ``layer_classes`` / ``attention_classes`` /
+    ``encoder_classes``: the transformers classes it accepts; ``logit_heads``: classifier class
     name -> its :class:`LogitHead`; ``pooling_heads``: the classifiers among them whose head
-    averages tokens (patched with :class:`PooledClassifier`); ``encoder_parts``:
-    path under the encoder -> mixin for other modules to patch (SigLIP's pooling head).
+    averages tokens (patched with :class:`PooledClassifier`); ``encoder_parts``: path under the
+    encoder -> mixin for other modules to patch (SigLIP's pooling head).
     """
+    layout: ClassVar[LayerLayout]
     layer: ClassVar[type[HFTokenLayer]]
     attention: ClassVar[type[HFTokenAttention]]
+    encoder_layout: ClassVar[EncoderLayout] = EncoderLayout()
     layer_classes: ClassVar[tuple[type, ...]] = ()
     attention_classes: ClassVar[tuple[type, ...]] = ()
     encoder_classes: ClassVar[tuple[type, ...]] = ()
-    embed: ClassVar[tuple[str, ...]] = ("embeddings",)
-    blocks_path: ClassVar[str] = "layers"
-    final_norm: ClassVar[str | None] = None
-    class_token: ClassVar[str | None] = None
-    extra_prefix: ClassVar[tuple[str, ...]] = ()
     logit_heads: ClassVar[dict[str, LogitHead]] = {}
     pooling_heads: ClassVar[tuple[str, ...]] = ()
     encoder_parts: ClassVar[dict[str, type[nn.Module]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass that sets ``layout`` gets its layer and attention mixins with that layout
+        (``HFViT.layer`` is ``ViTTokenLayer``; pickle finds them as ``HFViT.layer``)."""
+        super().__init_subclass__(**kwargs)
+        if "layout" in cls.__dict__:
+            stem = cls.__name__.removeprefix("HF")
+            for attr, base in (("layer", HFTokenLayer), ("attention", HFTokenAttention)):
+                body = {"layout": cls.layout, "__module__": cls.__module__, "__qualname__": f"{cls.__qualname__}.{attr}"}
+                setattr(cls, attr, type(f"{stem}Token{base.__name__.removeprefix('HFToken')}", (base,), body))
 
     # --------------------------------------------------------------- where things are
 
@@ -370,9 +390,9 @@ class HFEncoderFamily(HFFamily):
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
-        layers = resolve(self.encoder, self.blocks_path)
+        layers = resolve(self.encoder, self.encoder_layout.blocks)
         if not isinstance(layers, nn.ModuleList):
-            raise layout_error(self.model, f"its {type(self.encoder).__name__} has no {self.blocks_path} layer list")
+            raise layout_error(self.model, f"its {type(self.encoder).__name__} has no {self.encoder_layout.blocks} layer list")
         return layers
 
     @property
@@ -384,13 +404,13 @@ class HFEncoderFamily(HFFamily):
 
     @property
     def has_class_token(self) -> bool:
-        return self.class_token is not None
+        return self.encoder_layout.class_token is not None
 
     @property
     def num_prefix(self) -> int:
         emb = self.embeddings
-        n = int(self.class_token is not None)
-        for name in self.extra_prefix:
+        n = int(self.has_class_token)
+        for name in self.encoder_layout.extra_prefix:
             param = getattr(emb, name, None)
             if isinstance(param, Tensor):
                 n += int(param.shape[-2])
@@ -401,24 +421,24 @@ class HFEncoderFamily(HFFamily):
     def check_layout(self) -> None:
         """A clear error if the model's modules are not laid out as this family (and transformers
         version) expects: every attribute the patched classes use is checked here."""
-        enc, layers = self.encoder, self.blocks
-        for name in (*self.embed, *([self.final_norm] if self.final_norm else [])):
+        enc, layers, parts = self.encoder, self.blocks, self.encoder_layout
+        for name in (*parts.embed, *([parts.final_norm] if parts.final_norm else [])):
             if not isinstance(resolve(enc, name), nn.Module):
                 raise layout_error(self.model, f"its {type(enc).__name__} has no {name}")
-        if self.class_token is not None and not isinstance(getattr(self.embeddings, self.class_token, None), Tensor):
-            raise layout_error(self.model, f"its embeddings have no {self.class_token}")
+        if parts.class_token is not None and not isinstance(getattr(self.embeddings, parts.class_token, None), Tensor):
+            raise layout_error(self.model, f"its embeddings have no {parts.class_token}")
         if not layers:
             raise TokenSparseError(f"this {type(self.model).__name__} has no layers")
         if self.model_class.__name__ in self.pooling_heads and not isinstance(getattr(self.model, "classifier", None),
                                                                               nn.Module):
             raise layout_error(self.model, "it has no classifier")
         for i, layer in enumerate(layers):
-            attn = getattr(layer, self.layer.layout.attn, None)
+            attn = getattr(layer, self.layout.attn, None)
             if not isinstance(layer, self.layer_classes) or not isinstance(attn, self.attention_classes):
                 raise layout_error(
                     self.model, f"layer {i} is a {type(layer).__name__} with {type(attn).__name__} attention; "
                                 f"supported: {' / '.join(c.__name__ for c in self.layer_classes)}")
-            problem = self.layer.layout.layer_problem(layer)
+            problem = self.layout.layer_problem(layer)
             if problem:
                 raise layout_error(self.model, f"layer {i}: {problem}")
         for path, mixin in self.encoder_parts.items():
@@ -445,7 +465,7 @@ class HFEncoderFamily(HFFamily):
                 swap_class(part, mixin, state)
         for i, layer in enumerate(self.blocks):
             swap_class(layer, self.layer, state, i)
-            swap_class(getattr(layer, self.layer.layout.attn), self.attention, state, i)
+            swap_class(getattr(layer, self.layout.attn), self.attention, state, i)
             if i in hooks:
                 attach(layer, HOOK, hooks[i])
 
@@ -454,7 +474,7 @@ class HFEncoderFamily(HFFamily):
     def run_to(self, x: Tensor, start: int) -> Tensor:
         enc = self.encoder
         x = x.to(self.embeddings_dtype())
-        for name in self.embed:
+        for name in self.encoder_layout.embed:
             x = resolve(enc, name)(x)
         return self.run_blocks(x, 0, start)
 
@@ -467,10 +487,11 @@ class HFEncoderFamily(HFFamily):
         return x
 
     def final_norm_tokens(self, x: Tensor) -> Tensor:
-        return x if self.final_norm is None else resolve(self.encoder, self.final_norm)(x)
+        norm = self.encoder_layout.final_norm
+        return x if norm is None else resolve(self.encoder, norm)(x)
 
     def token_probes(self, i: int) -> tuple[nn.Module, nn.Module]:
-        layer, lay = self.blocks[i], self.layer.layout
+        layer, lay = self.blocks[i], self.layout
         return getattr(layer, lay.norm1), getattr(layer, lay.norm2)
 
     # --------------------------------------------------------------- the whole model
@@ -505,6 +526,7 @@ class HFEncoderFamily(HFFamily):
 
 
 __all__ = [
+    "EncoderLayout",
     "HFEncoderFamily",
     "HFTokenAttention",
     "HFTokenLayer",

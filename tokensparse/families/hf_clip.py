@@ -14,35 +14,25 @@ from typing import ClassVar
 from transformers.models.clip.modeling_clip import CLIPAttention, CLIPEncoderLayer, CLIPVisionModel
 
 from .hf import HFCLIPFamily
-from .hf_base import HFEncoderFamily, HFTokenAttention, HFTokenLayer, LayerLayout, LogitHead, mean_pool_logits
+from .hf_base import EncoderLayout, HFEncoderFamily, LayerLayout, LogitHead, mean_pool_logits
 
 LAYOUT = LayerLayout(norm1="layer_norm1", attn="self_attn", norm2="layer_norm2", mlp="mlp", post_attn=(),
                      post_mlp=(), out="out_proj", scale="scale", dropout="dropout")
-
-
-class CLIPTokenAttention(HFTokenAttention):
-    layout = LAYOUT
-
-
-class CLIPTokenLayer(HFTokenLayer):
-    layout = LAYOUT
+"""CLIP's layer layout (SigLIP's layers are laid out the same)."""
 
 
 class HFCLIP(HFEncoderFamily, HFCLIPFamily):
     """transformers CLIP vision tower."""
-    layer = CLIPTokenLayer
-    attention = CLIPTokenAttention
+    layout = LAYOUT
+    encoder_layout = EncoderLayout(blocks="encoder.layers", embed=("embeddings", "pre_layrnorm"),
+                                   class_token="class_embedding")
     layer_classes = (CLIPEncoderLayer,)
     attention_classes = (CLIPAttention,)
     encoder_classes = (CLIPVisionModel,)
-    embed = ("embeddings", "pre_layrnorm")
-    blocks_path = "encoder.layers"
-    final_norm = None
-    class_token = "class_embedding"
     logit_heads: ClassVar[dict[str, LogitHead]] = {"CLIPForImageClassification": mean_pool_logits}
     pooling_heads = tuple(logit_heads)
 
 
 FAMILY = HFCLIP
 
-__all__ = ["FAMILY", "HFCLIP", "CLIPTokenAttention", "CLIPTokenLayer"]
+__all__ = ["FAMILY", "HFCLIP", "LAYOUT"]

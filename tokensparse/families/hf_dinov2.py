@@ -23,18 +23,7 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 
 from ..state import TokenState
 from .hf import HFDinov2Family
-from .hf_base import HFEncoderFamily, HFTokenAttention, HFTokenLayer, LayerLayout, LogitHead, pooled_mean
-
-LAYOUT = LayerLayout(norm1="norm1", attn="attention", norm2="norm2", mlp="mlp",
-                     post_attn=("layer_scale1", "drop_path"), post_mlp=("layer_scale2", "drop_path"))
-
-
-class Dinov2TokenAttention(HFTokenAttention):
-    layout = LAYOUT
-
-
-class Dinov2TokenLayer(HFTokenLayer):
-    layout = LAYOUT
+from .hf_base import EncoderLayout, HFEncoderFamily, LayerLayout, LogitHead, pooled_mean
 
 
 def dinov2_logits(model: nn.Module, tokens: Tensor, state: TokenState | None, num_prefix: int) -> Tensor:
@@ -44,15 +33,13 @@ def dinov2_logits(model: nn.Module, tokens: Tensor, state: TokenState | None, nu
 
 class HFDinov2(HFEncoderFamily, HFDinov2Family):
     """transformers DINOv2, with or without registers."""
-    layer = Dinov2TokenLayer
-    attention = Dinov2TokenAttention
+    layout = LayerLayout(norm1="norm1", attn="attention", norm2="norm2", mlp="mlp",
+                         post_attn=("layer_scale1", "drop_path"), post_mlp=("layer_scale2", "drop_path"))
+    encoder_layout = EncoderLayout(blocks="encoder.layer", final_norm="layernorm", class_token="cls_token",
+                                   extra_prefix=("register_tokens",))
     layer_classes = (Dinov2Layer, Dinov2WithRegistersLayer)
     attention_classes = (Dinov2Attention, Dinov2WithRegistersAttention)
     encoder_classes = (Dinov2Model, Dinov2WithRegistersModel)
-    blocks_path = "encoder.layer"
-    final_norm = "layernorm"
-    class_token = "cls_token"
-    extra_prefix = ("register_tokens",)
     logit_heads: ClassVar[dict[str, LogitHead]] = {"Dinov2ForImageClassification": dinov2_logits,
                                                    "Dinov2WithRegistersForImageClassification": dinov2_logits}
     pooling_heads = tuple(logit_heads)
@@ -60,4 +47,4 @@ class HFDinov2(HFEncoderFamily, HFDinov2Family):
 
 FAMILY = HFDinov2
 
-__all__ = ["FAMILY", "Dinov2TokenAttention", "Dinov2TokenLayer", "HFDinov2", "dinov2_logits"]
+__all__ = ["FAMILY", "HFDinov2", "dinov2_logits"]

@@ -26,8 +26,8 @@ from transformers.models.siglip.modeling_siglip import (
 from ..ops import size_bias
 from ..state import TokenState
 from .hf import HFSiglipFamily
-from .hf_base import HFEncoderFamily, LogitHead, mean_pool_logits
-from .hf_clip import CLIPTokenAttention, CLIPTokenLayer
+from .hf_base import EncoderLayout, HFEncoderFamily, LogitHead, mean_pool_logits
+from .hf_clip import LAYOUT as CLIP_LAYOUT
 
 
 def probe_attention(mha: nn.MultiheadAttention, query: Tensor, x: Tensor, size: Tensor | None,
@@ -82,14 +82,11 @@ class SiglipTokenHead(nn.Module):
 
 class HFSiglip(HFEncoderFamily, HFSiglipFamily):
     """transformers SigLIP vision tower (no class token)."""
-    layer = CLIPTokenLayer  # SigLIP's encoder layers are laid out as CLIP's
-    attention = CLIPTokenAttention
+    layout = CLIP_LAYOUT  # SigLIP's encoder layers are laid out as CLIP's
+    encoder_layout = EncoderLayout(blocks="encoder.layers", final_norm="post_layernorm")
     layer_classes = (SiglipEncoderLayer,)
     attention_classes = (SiglipAttention,)
     encoder_classes = (SiglipVisionModel,)
-    blocks_path = "encoder.layers"
-    final_norm = "post_layernorm"
-    class_token = None
     logit_heads: ClassVar[dict[str, LogitHead]] = {"SiglipForImageClassification": mean_pool_logits}
     pooling_heads = tuple(logit_heads)
     encoder_parts: ClassVar[dict[str, type[nn.Module]]] = {"head": SiglipTokenHead}

@@ -16,18 +16,7 @@ from transformers.models.vit.modeling_vit import ViTAttention, ViTLayer, ViTMode
 
 from ..state import TokenState
 from .hf import HFViTFamily
-from .hf_base import HFEncoderFamily, HFTokenAttention, HFTokenLayer, LayerLayout, LogitHead, class_token_logits
-
-LAYOUT = LayerLayout(norm1="layernorm_before", attn="attention", norm2="layernorm_after", mlp="mlp",
-                     post_attn=("dropout",), post_mlp=("dropout",))
-
-
-class ViTTokenAttention(HFTokenAttention):
-    layout = LAYOUT
-
-
-class ViTTokenLayer(HFTokenLayer):
-    layout = LAYOUT
+from .hf_base import EncoderLayout, HFEncoderFamily, LayerLayout, LogitHead, class_token_logits
 
 
 def teacher_logits(model: nn.Module, tokens: Tensor, state: TokenState | None, num_prefix: int) -> Tensor:
@@ -37,15 +26,12 @@ def teacher_logits(model: nn.Module, tokens: Tensor, state: TokenState | None, n
 
 class HFViT(HFEncoderFamily, HFViTFamily):
     """transformers ViT / DeiT."""
-    layer = ViTTokenLayer
-    attention = ViTTokenAttention
+    layout = LayerLayout(norm1="layernorm_before", attn="attention", norm2="layernorm_after", mlp="mlp",
+                         post_attn=("dropout",), post_mlp=("dropout",))
+    encoder_layout = EncoderLayout(final_norm="layernorm", class_token="cls_token", extra_prefix=("distillation_token",))
     layer_classes = (ViTLayer, DeiTLayer)
     attention_classes = (ViTAttention, DeiTAttention)
     encoder_classes = (ViTModel, DeiTModel)
-    blocks_path = "layers"
-    final_norm = "layernorm"
-    class_token = "cls_token"
-    extra_prefix = ("distillation_token",)
     logit_heads: ClassVar[dict[str, LogitHead]] = {
         "ViTForImageClassification": class_token_logits, "DeiTForImageClassification": class_token_logits,
         "DeiTForImageClassificationWithTeacher": teacher_logits}
@@ -53,4 +39,4 @@ class HFViT(HFEncoderFamily, HFViTFamily):
 
 FAMILY = HFViT
 
-__all__ = ["FAMILY", "HFViT", "ViTTokenAttention", "ViTTokenLayer", "teacher_logits"]
+__all__ = ["FAMILY", "HFViT", "teacher_logits"]

@@ -3,7 +3,7 @@ from ..data import ImageNetFolder, read_wnids
 from ..utils import eval_mode
 from ._common import check_finite_parameters, measurement_device
 from .accuracy import evaluate, evaluate_many, fidelity, kept_logprob
-from .compare import BASELINE, build_variants, measure_variants, random_predictors, wide_spread
+from .compare import BASELINE, MeasuredRow, build_variants, measure_variants, measured, random_predictors, wide_spread
 from .embedding import cosine_to, embed_many, embedding_fidelity, embedding_of, is_classifier
 from .flops import count_flops, gmacs
 from .speed import compare_throughput, speedup_range, timed_runs
@@ -11,6 +11,7 @@ from .speed import compare_throughput, speedup_range, timed_runs
 __all__ = [
            "BASELINE",
            "ImageNetFolder",
+           "MeasuredRow",
            "build_variants",
            "check_finite_parameters",
            "compare_throughput",
@@ -27,6 +28,7 @@ __all__ = [
            "is_classifier",
            "kept_logprob",
            "measure_variants",
+           "measured",
            "measurement_device",
            "random_predictors",
            "read_wnids",

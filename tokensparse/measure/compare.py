@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,24 @@ def build_variants(base: nn.Module, specs: Sequence[str]) -> dict[str, nn.Module
         if spec != BASELINE:
             variants[spec] = patch(copy.deepcopy(base), spec)
     return variants
+
+
+def measured() -> Any:
+    """A number field of a measured row: keyword-only, None until it is measured."""
+    return field(default=None, kw_only=True)
+
+
+@dataclass
+class MeasuredRow:
+    """A reduction (``method``, ``spec``) and what was measured of it, None where it was not: GMACs
+    per image, speed-up over the unreduced model, agreement with it (%) and top-1 (%). The rows
+    ``sweep`` and ``tune`` write as CSV extend it; its numbers are :func:`measured` fields."""
+    method: str
+    spec: str
+    gmacs: float | None = measured()
+    speedup: float | None = measured()
+    agreement: float | None = measured()
+    top1: float | None = measured()
 
 
 def measure_variants(models: Mapping[str, nn.Module], baseline_key: str,

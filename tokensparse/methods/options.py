@@ -65,6 +65,16 @@ def check_number(value: Any, name: str, low: float, high: float = math.inf, low_
 PROP_ATTN = OptionInfo("prop_attn", True, "proportional attention: add log(size) to the attention logits")
 """The option of every merging method: proportional attention, on by default (ToMe's)."""
 
+LOCATIONS = OptionInfo("locations", None, "block indices (0-based); default 1/4, 1/2, 3/4 of the depth "
+                                          "(3, 6, 9 for 12 blocks)")
+"""The option of the methods that reduce at a few blocks (PPT, Top-K / EViT)."""
+
+
+def r_option(default: int | None, verb: str, note: str = "", per: str = "block") -> OptionInfo:
+    """The ``r`` option: tokens ``verb`` (merged, pruned, removed) in every block (or at each of a few
+    locations, ``per="location"``), one count for all or a list with one entry each; ``note`` ends the help."""
+    return OptionInfo("r", default, f"tokens {verb} per {per}: an int, or a list with one entry per {per}{note}")
+
 
 def check_bool(value: Any, name: str) -> bool:
     if not isinstance(value, bool):

@@ -32,7 +32,7 @@ from ..families import AttentionExtras
 from ..ops import energy_scores_, gather_tokens, group_assignment
 from ..state import TokenState
 from .base import BlockReducerMethod, CountReducer, TokenReducer, merge_patches
-from .options import OptionInfo, block_counts, check_count, check_counts, check_number
+from .options import OptionInfo, block_counts, check_count, check_counts, check_number, r_option
 
 
 def _cross(unit: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
@@ -92,7 +92,7 @@ class PiToMe(BlockReducerMethod):
     summary = "PiToMe: merge the tokens with the highest energy (many close neighbours), protect isolated ones"
     options = (
         OptionInfo("ratio", 0.9, "share of the patch tokens kept in every block, in [0.5, 1] (the authors' knob)"),
-        OptionInfo("r", None, "tokens merged per block (an int, or a list with one entry per block); replaces ratio"),
+        r_option(None, "merged", "; replaces ratio"),
         OptionInfo("margin", 0.75, "energy margin in block 0, falling linearly to 0 at the depth (the authors')"),
         OptionInfo("alpha", 1.0, "ELU alpha of the energy"),
         OptionInfo("bsm_blocks", None, "how many first blocks merge by energy-ordered bipartite matching; "

@@ -8,7 +8,16 @@ from ..families import AttentionExtras
 from ..ops import gather_tokens, keep_assignment, topk_indices, with_prefix
 from ..state import TokenState
 from .base import BlockReducerMethod, CountReducer, TokenReducer
-from .options import PROP_ATTN, OptionInfo, check_count, check_number, per_location, resolve_locations
+from .options import (
+    LOCATIONS,
+    PROP_ATTN,
+    OptionInfo,
+    check_count,
+    check_number,
+    per_location,
+    r_option,
+    resolve_locations,
+)
 from .tome import merge_patch_tokens
 
 REFERENCE_R = 50
@@ -110,9 +119,8 @@ class PPT(BlockReducerMethod):
     summary = "PPT: per image, pool (merge) tokens where attention is flat, prune inattentive ones where it is peaked"
     needs_class_token = True
     options = (
-        OptionInfo("r", None, "tokens removed at each location (int, or one per location); "
-                              "default 50 per 196 patch tokens, scaled with the patch count"),
-        OptionInfo("locations", None, "block indices (0-based); default 1/4, 1/2, 3/4 of the depth (3, 6, 9 for 12 blocks)"),
+        r_option(None, "removed", "; default 50 per 196 patch tokens, scaled with the patch count", per="location"),
+        LOCATIONS,
         OptionInfo("threshold", 7e-5, "score variance below which an image pools, above which it prunes"),
         PROP_ATTN,
     )

@@ -26,7 +26,7 @@ from ..families import AttentionExtras
 from ..ops import bipartite_soft_matching, group_assignment, mlerp_tokens, with_prefix
 from ..state import TokenState
 from .base import BlockReducerMethod, CountReducer, TokenReducer, merge_patches, prune_to
-from .options import PROP_ATTN, OptionInfo, check_choice, check_count, check_counts
+from .options import PROP_ATTN, OptionInfo, check_choice, check_count, check_counts, r_option
 from .tome import tome_schedule
 
 MODES = ("prune", "mlerp", "average")
@@ -66,7 +66,7 @@ class ToFu(BlockReducerMethod):
     name = "tofu"
     summary = "ToFu: ToMe's matching; prune the matched tokens in early blocks, merge them by MLERP in later ones"
     options = (
-        OptionInfo("r", 13, "tokens removed per block: an int, or a list with one entry per block"),
+        r_option(13, "removed"),
         OptionInfo("switch", None, "first block that merges (earlier blocks prune); default depth // 2"),
         OptionInfo("merge", "mlerp", "how blocks from switch on merge: mlerp (norm-preserving) or average (ToMe)"),
         PROP_ATTN,

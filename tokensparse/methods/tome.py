@@ -10,7 +10,7 @@ from ..families import AttentionExtras
 from ..ops import bipartite_soft_matching, merge_assignment, merge_tokens
 from ..state import TokenState
 from .base import BlockReducerMethod, CountReducer, TokenReducer
-from .options import PROP_ATTN, OptionInfo, block_counts, check_choice, check_counts
+from .options import PROP_ATTN, OptionInfo, block_counts, check_choice, check_counts, r_option
 
 
 def merge_patch_tokens(x: Tensor, metric: Tensor, r: int, state: TokenState) -> Tensor:
@@ -59,7 +59,7 @@ class ToMe(BlockReducerMethod):
     name = "tome"
     summary = "ToMe: merge the r most similar token pairs in every block (bipartite soft matching)"
     options = (
-        OptionInfo("r", 13, "tokens merged per block: an int, or a list with one entry per block"),
+        r_option(13, "merged"),
         OptionInfo("schedule", "constant", "how an int r is spread over blocks: constant or decreasing"),
         PROP_ATTN,
     )

@@ -12,7 +12,16 @@ from ..families import AttentionExtras
 from ..ops import fuse_tokens, gather_tokens, keep_assignment, split_topk, topk_indices, with_prefix
 from ..state import TokenState
 from .base import BlockReducerMethod, TokenReducer
-from .options import OptionInfo, check_bool, check_count, check_keep_rate, keep_count, per_location, resolve_locations
+from .options import (
+    LOCATIONS,
+    OptionInfo,
+    check_bool,
+    check_count,
+    check_keep_rate,
+    keep_count,
+    per_location,
+    resolve_locations,
+)
 
 
 class TopKReducer(TokenReducer):
@@ -63,7 +72,7 @@ class TopK(BlockReducerMethod):
     options = (
         OptionInfo("keep_rate", 0.7, "share of patch tokens kept at each location, in (0, 1]; or one per location"),
         OptionInfo("tokens", None, "absolute patch tokens kept (one count, or one per location); overrides keep_rate"),
-        OptionInfo("locations", None, "block indices (0-based); default 1/4, 1/2, 3/4 of the depth (3, 6, 9 for 12 blocks)"),
+        LOCATIONS,
         OptionInfo("fuse", False, "fuse dropped tokens into one token weighted by class attention (EViT)"),
     )
 

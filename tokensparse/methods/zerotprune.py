@@ -30,7 +30,7 @@ from ..families import AttentionExtras
 from ..ops import gather_tokens, head_filtered_importance, pairwise_cosine, weighted_pagerank, with_prefix
 from ..state import TokenState
 from .base import BlockReducerMethod, CountReducer, TokenReducer, prune_to
-from .options import OptionInfo, block_counts, check_count, check_counts, check_number
+from .options import OptionInfo, block_counts, check_count, check_counts, check_number, r_option
 
 
 def default_iterations(depth: int) -> list[int]:
@@ -70,7 +70,7 @@ class ZeroTPrune(BlockReducerMethod):
     name = "zerotprune"
     summary = "Zero-TPrune: PageRank importance on the attention graph, then prune unimportant look-alikes"
     options = (
-        OptionInfo("r", 13, "tokens pruned per block: an int, or a list with one entry per block"),
+        r_option(13, "pruned"),
         OptionInfo("iterations", None, "PageRank iterations: an int, or one per block; default 30 in the first "
                                        "three blocks, 1 in the last three, 5 between (the paper's)"),
         OptionInfo("var_min", 0.01, "head filter: heads whose score variance is below this are left out"),

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from ..measure import MeasuredRow, measured
 from ..utils import write_rows_csv
-from ..viz import save_figure
+from ..viz import finish_figure
 
 
 @dataclass
-class Candidate:
-    """One schedule: its spec and what was measured of it.
+class Candidate(MeasuredRow):
+    """One schedule: its method, spec and what was measured of it (:class:`~tokensparse.measure.MeasuredRow`).
 
     ``predicted_speedup`` from the cost model (searched rows); ``speedup`` measured in the
     final interleaved timing; ``search_*`` on the screening images (searched rows),
@@ -26,20 +27,14 @@ class Candidate:
     ``timings``: how many interleaved timings ``speedup`` is the median of (a close call to a
     speed-up target is timed :data:`CLOSE_TIMINGS` times).
     """
-    spec: str
-    method: str
     role: str = "path"
-    gmacs: float | None = None
-    predicted_speedup: float | None = None
-    speedup: float | None = None
-    search_agreement: float | None = None
-    search_kl: float | None = None
-    select_agreement: float | None = None
-    select_kl: float | None = None
-    select_logp: float | None = None
-    agreement: float | None = None
-    kl: float | None = None
-    top1: float | None = None
+    predicted_speedup: float | None = measured()
+    search_agreement: float | None = measured()
+    search_kl: float | None = measured()
+    select_agreement: float | None = measured()
+    select_kl: float | None = measured()
+    select_logp: float | None = measured()
+    kl: float | None = measured()
     pareto: bool = False
     timings: int = 1
 
@@ -110,9 +105,4 @@ def plot_tune(result: TuneResult, out: str | Path | None = None, title: str = ""
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    if out is not None:
-        save_figure(fig, out)
-    return fig
+    return finish_figure(fig, title, out)

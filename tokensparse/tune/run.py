@@ -388,10 +388,10 @@ def _level_goal(setup: _Setup, level: float) -> float:
 def _finalists(points: list[tuple[Point, str]], defaults: dict[str, str], cost: CostModel) -> list[Candidate]:
     """Rows to time: the unreduced model, the defaults and the searched points."""
     rows = [Candidate(BASELINE, BASELINE, "unreduced")]
-    rows += [Candidate(spec, parse_spec(spec)[0], "default") for spec in defaults.values()]
+    rows += [Candidate(parse_spec(spec)[0], spec, "default") for spec in defaults.values()]
     for p, role in points:
         if all(r.spec != p.spec for r in rows):
-            rows.append(Candidate(p.spec, p.method, role, gmacs=p.schedule.gmacs,
+            rows.append(Candidate(p.method, p.spec, role, gmacs=p.schedule.gmacs,
                                   predicted_speedup=cost.total / cost.seconds_of(p.schedule, p.method),
                                   search_agreement=p.agreement, search_kl=p.kl))
     return rows
