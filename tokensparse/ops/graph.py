@@ -22,9 +22,9 @@ def energy_scores_(sim: Tensor, margin: float, alpha: float = 1.0) -> Tensor:
 
     With ``m = margin``, ``elu(s - m) = s - min(s, m) + alpha (exp(-m) exp(min(s, m)) - 1)``, so the
     energy is ``(sum_j s_ij - sum_j c_ij + alpha (exp(-m) sum_j exp(c_ij) - n)) / n`` with
-    ``c = min(sim, m)``: four passes over ``sim`` in place (sum, clamp, sum, exp and sum), no second
-    ``n x n`` buffer, no ``expm1`` (the same values up to rounding; ``F.elu(sim - m).mean(-1)``
-    takes about 7x as long on a CPU, which dominated PiToMe's reduction cost).
+    ``c = min(sim, m)``: five passes over ``sim`` in place (sum, clamp, sum, exp, sum), no second
+    ``n x n`` buffer, no ``expm1`` (the same values up to rounding; about 4x faster on a CPU than
+    the ELU computed elementwise in place, whose cost dominated PiToMe's reduction work).
     """
     n = sim.shape[-1]
     total = sim.sum(dim=-1)
