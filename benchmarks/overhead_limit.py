@@ -16,6 +16,7 @@ import argparse
 import copy
 import statistics
 import time
+from collections.abc import Callable
 
 import timm
 import torch
@@ -56,28 +57,43 @@ class CutBlocks(nn.Module):
         return m.forward_head(m.norm(x))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str | None, runs: int) -> argparse.Namespace:
+    """The options both timing scripts take (model, methods, batch size, threads, rounds)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="deit_small_patch16_224")
     p.add_argument("--method", action="append", required=True)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=7)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
-    base = timm.create_model(args.model).eval()
-    x = torch.randn(args.batch_size, 3, *base.patch_embed.img_size)
-    models: dict[str, nn.Module] = {"none": base}
+    p.add_argument("--runs", type=int, default=runs)
+    return p.parse_args()
+
+
+def add_with_limits(models: dict[str, nn.Module], base: nn.Module, specs: list[str], x: torch.Tensor,
+                    prepare: Callable[[nn.Module], None] | None = None) -> dict[str, str]:
+    """Add a patched copy of ``base`` per spec to ``models`` (``prepare`` applied after its token counts are
+    read) and, per distinct token counts, their overhead-free limit; returns each spec's limit's key."""
     limit_of: dict[str, str] = {}
     by_counts: dict[tuple[tuple[int, int], ...], str] = {}
-    for spec in args.method:
+    for spec in specs:
         patched = tokensparse.patch(copy.deepcopy(base), spec)
-        models[spec] = patched
         counts = tuple(token_counts(patched, x))
+        if prepare is not None:
+            prepare(patched)
+        models[spec] = patched
         if counts not in by_counts:
             by_counts[counts] = f"{spec} (limit)"
             models[by_counts[counts]] = CutBlocks(base, list(counts))
         limit_of[spec] = by_counts[counts]
+    return limit_of
+
+
+def main() -> None:
+    args = arguments(__doc__, runs=7)
+    torch.set_num_threads(args.threads)
+    base = timm.create_model(args.model).eval()
+    x = torch.randn(args.batch_size, 3, *base.patch_embed.img_size)
+    models: dict[str, nn.Module] = {"none": base}
+    limit_of = add_with_limits(models, base, args.method, x)
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for m in models.values():

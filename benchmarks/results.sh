@@ -139,6 +139,12 @@ for run in 1 2 3; do
   record "overhead_limit_runs31_run$run" python benchmarks/overhead_limit.py --runs 31 --method tome:r=13 \
     --method pitome:r=13 --method zerotprune:r=13
 done
+# the reduction work alone (attention core, by-products, hooks), timed inside the forward pass: no matmul jitter
+# (reduction_work_before_run{1,2,3}.txt: the same command on commit 1a96b08, before this script's first changes)
+for run in 1 2 3; do
+  record "reduction_work_run$run" python benchmarks/reduction_work.py --runs 15 --method tome:r=13 --method tofu:r=13 \
+    --method pitome:r=13 --method "$DR13" --method zerotprune:r=13
+done
 # DiffRate's rates learned on the even-position images at each level, and tune's diffrate schedule at 0.80
 for g in 0.73 0.80; do
   record "diffrate_calibrate_$g" tokensparse calibrate --model vit_tiny_patch16_224.augreg_in21k_ft_in1k \

@@ -21,6 +21,7 @@ from tokensparse.ops import (
     gather_tokens,
     keep_assignment,
     merge_assignment,
+    merge_rows,
     merge_tokens,
     split_topk,
     topk_indices,
@@ -61,6 +62,37 @@ def test_merge_shapes_and_mass(b, n, c, data):
     # each new token's size is the total size of the old tokens assigned to it
     rebuilt = torch.zeros(b, n - r).scatter_add(1, assign, size.squeeze(-1))
     assert torch.allclose(rebuilt, msize.squeeze(-1))
+
+
+def test_merge_rows_hand_case():
+    # tokens 1 and 3 merge into kept token 2 (listed first), token 0 stays alone
+    x = torch.tensor([[[1.0], [2.0], [3.0], [4.0]]])
+    size = torch.tensor([[[1.0], [1.0], [2.0], [1.0]]])
+    out, out_size = merge_rows(x, size, torch.tensor([[2, 0]]), torch.tensor([[1, 3]]), torch.tensor([[0, 0]]))
+    assert out.flatten().tolist() == [(2 * 3 + 2 + 4) / 4, 1.0]
+    assert out_size.flatten().tolist() == [4.0, 1.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(b=st.integers(1, 3), n=st.integers(2, 30), c=st.integers(1, 6), data=st.data())
+def test_merge_rows_is_the_size_weighted_group_average(b, n, c, data):
+    r = data.draw(st.integers(0, n // 2))
+    perm = torch.stack([torch.randperm(n) for _ in range(b)])
+    keep, src = perm[:, r:], perm[:, :r]
+    dst = torch.randint(0, n - r, (b, r))  # several may merge into one kept token
+    x = torch.randn(b, n, c, dtype=torch.float64, requires_grad=True)
+    size = torch.randint(1, 4, (b, n, 1)).double()
+    out, out_size = merge_rows(x, size, keep, src, dst)
+    assign = torch.empty(b, n, dtype=torch.long)
+    assign.scatter_(1, keep, torch.arange(n - r).expand(b, -1)).scatter_(1, src, dst)
+    total = torch.zeros(b, n - r, 1, dtype=torch.float64).scatter_add_(1, assign.unsqueeze(-1), size)
+    weighted = torch.zeros(b, n - r, c, dtype=torch.float64).scatter_add_(
+        1, assign.unsqueeze(-1).expand(-1, -1, c), x * size)
+    torch.testing.assert_close(out_size, total)
+    torch.testing.assert_close(out, weighted / total)
+    # gradients: each token receives its share size / group size of its group's gradient
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, (size / total.gather(1, assign.unsqueeze(-1))).expand(-1, -1, c))
 
 
 @settings(max_examples=30, deadline=None)

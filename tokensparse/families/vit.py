@@ -42,7 +42,7 @@ def attention_extras(q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor
         probs=probs if "probs" in needs else None,
         cls_attn=class_attention(q, k, scale, bias) if "cls_attn" in needs else None,
         mean_attn=class_attention(q, k, scale, bias, query="mean") if "mean_attn" in needs else None,
-        keys=k.mean(dim=1) if "keys" in needs else None,
+        keys=k.transpose(1, 2).mean(dim=2) if "keys" in needs else None,  # (B, N, D) in memory order
         value_norm=v.transpose(1, 2).flatten(2).norm(dim=-1) if "value_norm" in needs else None,
         attention=attention_matrix(q, k, scale, bias) if "attention" in needs else None,
     )

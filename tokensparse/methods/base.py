@@ -9,7 +9,16 @@ from torch import Tensor, nn
 
 from ..errors import TokenSparseError
 from ..families import AttentionExtras, BlockHook, TokenFamily, get_family
-from ..ops import gather_tokens, group_weights, keep_assignment, prefix_assignment, sum_tokens
+from ..ops import (
+    gather_tokens,
+    group_assignment,
+    group_weights,
+    keep_assignment,
+    merge_rows,
+    prefix_assignment,
+    sum_tokens,
+    with_prefix,
+)
 from ..state import TokenState
 from .options import OptionInfo, check_bool
 
@@ -183,3 +192,17 @@ def merge_patches(x: Tensor, assign: Tensor, n: int, state: TokenState,
         merged = sum_tokens(xp * group_weights(size, assign, n).to(x.dtype), assign, n)
     state.update(prefix_assignment(assign, P), torch.cat([sizes[:, :P], sum_tokens(size, assign, n)], dim=1))
     return torch.cat([x[:, :P], merged], dim=1)
+
+
+def merge_into(x: Tensor, keep: Tensor, src: Tensor, dst: Tensor, state: TokenState) -> Tensor:
+    """Keep the patch tokens ``keep`` ``(B, m)`` of ``x`` ``(B, N, C)`` (patch positions, in their new order)
+    and merge each patch token ``src`` ``(B, r)`` into the kept one ``dst`` ``(B, r)`` (an index into
+    ``keep``): size-weighted averages, sizes add up, every other patch token dropped; prefix tokens stay
+    first and untouched. :func:`merge_patches` for a reduction that merges a few tokens into kept ones,
+    without passing over every token per group (:func:`~tokensparse.ops.merge_rows`). Updates ``state``.
+    """
+    P = state.num_prefix
+    merged, size = merge_rows(x, state.sizes(x), with_prefix(keep, P), src + P, dst + P)
+    state.update(prefix_assignment(group_assignment(x.shape[1] - P, None, keep, src, dst), P), size)
+    return merged
+

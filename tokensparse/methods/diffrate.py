@@ -29,7 +29,15 @@ from torch import Tensor, nn
 
 from ..errors import TokenSparseError
 from ..families import AttentionExtras
-from ..ops import add_tokens_, gather_tokens, group_assignment, pairwise_cosine, prefix_assignment, with_prefix
+from ..ops import (
+    add_tokens_,
+    average_into_,
+    gather_tokens,
+    group_assignment,
+    pairwise_cosine,
+    prefix_assignment,
+    with_prefix,
+)
 from ..state import TokenState
 from .base import BlockReducerMethod, TokenReducer, prune_to
 from .options import PROP_ATTN, OptionInfo, check_count
@@ -188,17 +196,20 @@ def prune_and_merge(x: Tensor, important: Tensor, merged: Tensor, state: TokenSt
     """DiffRate's pruning and merging in one pass over ``x`` ``(B, N, C)``: the patch tokens ``important``
     ``(B, k)`` stay (in that order), each of ``merged`` ``(B, m)`` joins its most similar important token
     (cosine of the tokens; a plain mean of the group, sizes scaled by the similarity before they add up),
-    every other patch token is dropped. Updates ``state``."""
+    every other patch token is dropped. :func:`join_similar` on the joined rows only
+    (:func:`~tokensparse.ops.average_into_`). Updates ``state``."""
     P = state.num_prefix
-    xp = x[:, P:]
-    out, sim_max, dst = join_similar(gather_tokens(xp, important), gather_tokens(xp, merged))
+    out = gather_tokens(x, with_prefix(important, P))
+    join = gather_tokens(x[:, P:], merged)
+    sim_max, dst = pairwise_cosine(join.detach(), out[:, P:].detach()).max(dim=-1)
+    ones = out.new_ones(1, 1, 1)
+    average_into_(out, ones.expand(*out.shape[:2], 1), join, ones.expand(*join.shape[:2], 1), dst + P)
     size = state.sizes(x)[:, P:]
     scaled = gather_tokens(size, merged) * sim_max.unsqueeze(-1).to(size.dtype)
     new_size = add_tokens_(gather_tokens(size, important).clone(memory_format=torch.contiguous_format), dst, scaled)
-    n = xp.shape[1]
-    assign = group_assignment(n, None, important, merged, dst)
+    assign = group_assignment(size.shape[1], None, important, merged, dst)
     state.update(prefix_assignment(assign, P), torch.cat([state.sizes(x)[:, :P], new_size], dim=1))
-    return torch.cat([x[:, :P], out], dim=1)
+    return out
 
 
 def _counts(value: Any, name: str, depth: int) -> list[int | None]:

@@ -13,7 +13,8 @@ Follows the authors' code (hchautran/PiToMe, commit 550b5de: ``algo/pitome/merge
   token (their ``pitome_bsm``);
 - in the later blocks the ``2 r`` highest-energy tokens alternate into A and B, every A token
   merges into its most similar B token, and the other tokens are protected (their ``pitome``);
-- merged tokens are size-weighted averages and sizes add up (their ``merge_wavg``).
+- merged tokens are size-weighted averages and sizes add up (their ``merge_wavg``; computed on the
+  merged groups only, :func:`~tokensparse.methods.base.merge_into`).
 
 Where we differ: proportional attention is on by default (``prop_attn``): the authors' timm patch
 computes the sizes but never passes them to the attention (``self.attn(self.norm1(x))``), so
@@ -25,13 +26,14 @@ from __future__ import annotations
 
 import math
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..families import AttentionExtras
 from ..ops import energy_scores_, gather_tokens, group_assignment
 from ..state import TokenState
-from .base import BlockReducerMethod, CountReducer, TokenReducer, merge_patches
+from .base import BlockReducerMethod, CountReducer, TokenReducer, merge_into
 from .options import OptionInfo, block_counts, check_count, check_counts, check_number, r_option
 
 
@@ -42,25 +44,31 @@ def _cross(unit: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return gather_tokens(unit, rows) @ gather_tokens(unit, cols).transpose(-1, -2)
 
 
-def pitome_assignment(metric: Tensor, r: int, margin: float, alpha: float, bsm: bool) -> Tensor:
-    """Patch map ``(B, n)`` for merging ``r`` of the ``n`` tokens of ``metric`` ``(B, n, D)`` (PiToMe's keys).
+def pitome_groups(metric: Tensor, r: int, margin: float, alpha: float, bsm: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Merging ``r`` of the ``n`` tokens of ``metric`` ``(B, n, D)`` (PiToMe's keys) as ``(keep, src, dst)``:
+    the tokens kept ``(B, n - r)`` in their new order, the tokens merged ``(B, r)`` and the index into
+    ``keep`` of the token each merges into ``(B, r)`` (:func:`~tokensparse.methods.base.merge_into`).
 
     New order as the authors' code: with ``bsm``, the A tokens left (by falling match score) then
     set B; without, the protected tokens (by falling energy) then set B.
     """
     unit = F.normalize(metric.float(), dim=-1)
-    n = unit.shape[1]
     order = energy_scores_(unit @ unit.transpose(-1, -2), margin, alpha).argsort(dim=-1, descending=True)
     if bsm:
         a_idx, b_idx = order[:, ::2], order[:, 1::2]
         best, partner = _cross(unit, a_idx, b_idx).max(dim=-1)
         edge = best.argsort(dim=-1, descending=True)
-        return group_assignment(n, a_idx.gather(1, edge[:, r:]), b_idx, a_idx.gather(1, edge[:, :r]),
-                                partner.gather(1, edge[:, :r]))
+        left = a_idx.gather(1, edge[:, r:])
+        return torch.cat([left, b_idx], dim=1), a_idx.gather(1, edge[:, :r]), partner.gather(1, edge[:, :r]) + left.shape[1]
     merge_idx = order[:, :2 * r]
     a_idx, b_idx = merge_idx[:, ::2], merge_idx[:, 1::2]
-    dst = _cross(unit, a_idx, b_idx).argmax(dim=-1)
-    return group_assignment(n, order[:, 2 * r:], b_idx, a_idx, dst)
+    protected = order[:, 2 * r:]
+    return torch.cat([protected, b_idx], dim=1), a_idx, _cross(unit, a_idx, b_idx).argmax(dim=-1) + protected.shape[1]
+
+
+def pitome_assignment(metric: Tensor, r: int, margin: float, alpha: float, bsm: bool) -> Tensor:
+    """Patch map ``(B, n)`` for merging ``r`` of the ``n`` tokens of ``metric`` ``(B, n, D)`` (:func:`pitome_groups`)."""
+    return group_assignment(metric.shape[1], None, *pitome_groups(metric, r, margin, alpha, bsm))
 
 
 class PiToMeReducer(CountReducer):
@@ -83,8 +91,7 @@ class PiToMeReducer(CountReducer):
 
     def reduce(self, x: Tensor, extras: AttentionExtras, state: TokenState, r: int) -> Tensor:
         P = state.num_prefix
-        assign = pitome_assignment(extras.keys[:, P:], r, self.margin, self.alpha, self.bsm)
-        return merge_patches(x, assign, x.shape[1] - P - r, state)
+        return merge_into(x, *pitome_groups(extras.keys[:, P:], r, self.margin, self.alpha, self.bsm), state)
 
 
 class PiToMe(BlockReducerMethod):

@@ -14,9 +14,11 @@ from .graph import energy_scores, energy_scores_, head_filtered_importance, weig
 from .mctf import group_weights, mctf_assignment, mctf_scores, sum_tokens
 from .merge import (
     MergePlan,
+    average_into_,
     bipartite_soft_matching,
     group_assignment,
     merge_assignment,
+    merge_rows,
     merge_tokens,
     mlerp_tokens,
     pairwise_cosine,
@@ -41,6 +43,7 @@ __all__ = [
     "attention_matrix",
     "attention_probs",
     "attention_rollout",
+    "average_into_",
     "bipartite_soft_matching",
     "class_attention",
     "energy_scores",
@@ -55,6 +58,7 @@ __all__ = [
     "mctf_assignment",
     "mctf_scores",
     "merge_assignment",
+    "merge_rows",
     "merge_tokens",
     "mlerp_tokens",
     "pad_bias",

@@ -32,7 +32,10 @@ def class_attention(q: Tensor, k: Tensor, scale: float, bias: Tensor | None = No
     else:
         qc = q.mean(dim=2, keepdim=True)
         b = None if bias is None else bias.mean(dim=-2, keepdim=True)
-    logits = (qc.float() * scale) @ k.float().transpose(-2, -1)
+    qc, k = qc.float() * scale, k.float()
+    # one product per head: a head's keys (B, N, D) are a strided matrix of the qkv projection that a batched
+    # matmul takes as it is, where one matmul over all heads first copies the permuted keys (about 3x slower)
+    logits = torch.cat([qc[:, h] @ k[:, h].transpose(-1, -2) for h in range(k.shape[1])], dim=1).unsqueeze(2)
     if b is not None:
         logits = logits + b.float()
     return logits.softmax(dim=-1).squeeze(2).to(q.dtype)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .mctf import sum_tokens
-from .select import add_tokens_, gather_tokens
+from .select import _rows, add_tokens_, gather_tokens
 
 
 class MergePlan(NamedTuple):
@@ -64,6 +64,39 @@ def merge_tokens(x: Tensor, size: Tensor, plan: MergePlan) -> tuple[Tensor, Tens
     merged_size = torch.cat([gather_tokens(size, unm), sb], dim=1)
     merged = torch.cat([gather_tokens(weighted, unm), xb], dim=1) / merged_size
     return merged, merged_size
+
+
+def average_into_(out: Tensor, weight: Tensor, src: Tensor, src_weight: Tensor, dst: Tensor) -> Tensor:
+    """Average the tokens ``src`` ``(B, r, C)`` into the rows ``dst`` ``(B, r)`` of ``out`` ``(B, m, C)`` in place
+    (a tensor the caller made; several may join one row): row ``j`` becomes the ``weight``-ed average of
+    itself and the tokens that join it. ``weight`` ``(B, m, 1)``, ``src_weight`` ``(B, r, 1)``; returns
+    the rows' total weights ``(B, m, 1)``.
+
+    Touches the ``r`` joined rows only (a row nothing joins is left as it is), where averaging every
+    group (``sum(w * x) / sum(w)``) passes over all the tokens three more times.
+    """
+    B, m, C = out.shape
+    src_weight = src_weight.reshape(-1, 1)
+    rows = _rows(dst, m)
+    total = weight.clone(memory_format=torch.contiguous_format)
+    total.view(B * m, 1).index_add_(0, rows, src_weight)
+    inv = total.view(B * m, 1).index_select(0, rows).reciprocal()
+    own = weight.reshape(B * m, 1).index_select(0, rows) * inv
+    # each of the j tokens joining a row adds 1/j of that row's rescaling (own - 1) x
+    joins = src_weight.new_zeros(B * m, 1).index_add_(0, rows, torch.ones_like(src_weight)).index_select(0, rows)
+    flat = out.view(B * m, C)
+    flat.index_add_(0, rows, flat.index_select(0, rows) * ((own - 1) / joins).to(out.dtype)
+                    + src.reshape(-1, C) * (src_weight * inv).to(out.dtype))
+    return total
+
+
+def merge_rows(x: Tensor, size: Tensor, keep: Tensor, src: Tensor, dst: Tensor) -> tuple[Tensor, Tensor]:
+    """Tokens ``x`` ``(B, N, C)`` of sizes ``size`` ``(B, N, 1)`` reduced to the rows ``keep`` ``(B, m)``, in
+    that order, each row ``src`` ``(B, r)`` merged into the kept row ``dst`` ``(B, r)`` (an index into
+    ``keep``; several may share one) as the size-weighted average of the group (:func:`average_into_`).
+    Returns the tokens ``(B, m, C)`` and their sizes ``(B, m, 1)``."""
+    out = gather_tokens(x, keep)
+    return out, average_into_(out, gather_tokens(size, keep), gather_tokens(x, src), gather_tokens(size, src), dst)
 
 
 def merge_assignment(plan: MergePlan, n: int) -> Tensor:
