@@ -42,6 +42,9 @@ class Clock:
     """Totals per part of the time spent in the wrapped calls, reset per forward pass."""
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.total = dict.fromkeys(PARTS, 0.0)
 
     def timed(self, part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,7 +97,7 @@ def main() -> None:
             m(x)
         for _ in range(args.runs):
             for k, m in models.items():
-                clock.total = dict.fromkeys(PARTS, 0.0)
+                clock.reset()
                 t = time.perf_counter()
                 m(x)
                 forward[k].append(time.perf_counter() - t)

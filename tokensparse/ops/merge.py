@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .mctf import sum_tokens
-from .select import _rows, add_tokens_, gather_tokens
+from .select import add_tokens_, gather_tokens
 
 
 class MergePlan(NamedTuple):
@@ -75,18 +75,13 @@ def average_into_(out: Tensor, weight: Tensor, src: Tensor, src_weight: Tensor, 
     Touches the ``r`` joined rows only (a row nothing joins is left as it is), where averaging every
     group (``sum(w * x) / sum(w)``) passes over all the tokens three more times.
     """
-    B, m, C = out.shape
-    src_weight = src_weight.reshape(-1, 1)
-    rows = _rows(dst, m)
-    total = weight.clone(memory_format=torch.contiguous_format)
-    total.view(B * m, 1).index_add_(0, rows, src_weight)
-    inv = total.view(B * m, 1).index_select(0, rows).reciprocal()
-    own = weight.reshape(B * m, 1).index_select(0, rows) * inv
+    total = add_tokens_(weight.clone(memory_format=torch.contiguous_format), dst, src_weight)
+    inv = gather_tokens(total, dst).reciprocal()
+    own = gather_tokens(weight, dst) * inv
     # each of the j tokens joining a row adds 1/j of that row's rescaling (own - 1) x
-    joins = src_weight.new_zeros(B * m, 1).index_add_(0, rows, torch.ones_like(src_weight)).index_select(0, rows)
-    flat = out.view(B * m, C)
-    flat.index_add_(0, rows, flat.index_select(0, rows) * ((own - 1) / joins).to(out.dtype)
-                    + src.reshape(-1, C) * (src_weight * inv).to(out.dtype))
+    joins = gather_tokens(add_tokens_(torch.zeros_like(total), dst, torch.ones_like(src_weight)), dst)
+    add_tokens_(out, dst, gather_tokens(out, dst) * ((own - 1) / joins).to(out.dtype)
+                + src * (src_weight * inv).to(out.dtype))
     return total
 
 
