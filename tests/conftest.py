@@ -108,8 +108,9 @@ class RealRun:
         return 100.0 * same.float().mean().item()
 
 
-def run_batches(model: torch.nn.Module, images: torch.Tensor, batch: int = 125) -> torch.Tensor:
-    """Logits of ``model`` on ``images``, in batches, two threads, inference mode."""
+def run_batches(model: torch.nn.Module, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
+    """Logits of ``model`` on ``images``, in batches, two threads, inference mode (batches of 32: a
+    quarter faster on this CPU than batches of 125, whose activations leave the cache)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -132,10 +132,21 @@ def _compiled_diff(model: nn.Module, family: str, backend: str) -> float:
     return _max_diff(got, want)
 
 
+HF_FAMILIES = ("hf-vit", "hf-dinov2", "hf-clip", "hf-siglip")
+
+
+def _backend(family: str, spec: str) -> str:
+    """``aot_eager`` (graph capture, then AOT autograd's functionalized trace) for every method on the
+    timm families and for the exported cases; on the other transformers cases, whose methods that
+    trace already covers on the timm ViT and whose families it covers in ONNX_CASES, the capture
+    alone (``eager``: fullgraph, fake-tensor shapes; half the time)."""
+    return "eager" if family in HF_FAMILIES and (family, spec) not in ONNX_CASES else "aot_eager"
+
+
 @pytest.mark.parametrize(("family", "spec"), CASES, ids=[f"{f}-{m}" for f, m in CASES])
 def test_compiles_with_fullgraph(models, family, spec):
     model, base = models[family, spec]
-    assert _compiled_diff(model, family, "aot_eager") <= 1e-4
+    assert _compiled_diff(model, family, _backend(family, spec)) <= 1e-4
     records = tokensparse.location_records(model)
     assert records  # the method ran
     x = _inputs(family, 2)
