@@ -10,6 +10,9 @@ inside the patched model's own forward pass on the same input:
 - ``by-products``: what the attention returns for the method (keys averaged over heads, class-attention
   rows, ...);
 - ``reduction``: the method's hooks (scoring, choosing, merging or pruning, the token-state update);
+- ``graph score`` (part of ``reduction``): the score a method computes over the whole token graph,
+  which ToMe's bipartite matching does not: PiToMe's energy (the ``n x n`` cosine similarities and an
+  exponential per pair), Zero-TPrune's weighted PageRank (its iterations over every head's attention);
 
 next to the attention core of the overhead-free limit (the unpatched blocks on sequences cut to the
 same counts: fused attention, no bias). ``work`` is the method's three parts less the limit's
@@ -34,8 +37,11 @@ from torch import nn
 
 import tokensparse.families.vit as vit_family
 from tokensparse.families.base import block_hook
+from tokensparse.methods import pitome, zerotprune
 
-PARTS = ("attention", "by-products", "reduction")
+PARTS = ("attention", "by-products", "reduction", "graph score")
+WORK = PARTS[:3]
+"""The parts of ``work``; ``graph score`` is counted inside ``reduction``."""
 
 
 class Clock:
@@ -59,17 +65,20 @@ class Clock:
 
 @contextlib.contextmanager
 def instrumented(clock: Clock) -> Iterator[None]:
-    """Time the attention core and by-products of every (patched or plain) timm attention."""
+    """Time the attention core and by-products of every (patched or plain) timm attention, and the
+    graph scores of PiToMe and Zero-TPrune."""
     saved = (torch.nn.functional.scaled_dot_product_attention, vit_family.attention_by_head,
-             vit_family.attention_extras)
+             vit_family.attention_extras, pitome.unit_energy, zerotprune.weighted_pagerank)
     torch.nn.functional.scaled_dot_product_attention = clock.timed("attention", saved[0])
     vit_family.attention_by_head = clock.timed("attention", saved[1])
     vit_family.attention_extras = clock.timed("by-products", saved[2])
+    pitome.unit_energy = clock.timed("graph score", saved[3])
+    zerotprune.weighted_pagerank = clock.timed("graph score", saved[4])
     try:
         yield
     finally:
         (torch.nn.functional.scaled_dot_product_attention, vit_family.attention_by_head,
-         vit_family.attention_extras) = saved
+         vit_family.attention_extras, pitome.unit_energy, zerotprune.weighted_pagerank) = saved
 
 
 def time_hooks(model: nn.Module, clock: Clock) -> None:
@@ -106,12 +115,13 @@ def main() -> None:
     med = {k: {part: 1e3 * statistics.median(v) for part, v in d.items()} for k, d in parts.items()}
     print(f"{args.model}, batch {args.batch_size}, {args.threads} threads, {args.runs} interleaved rounds; "
           "ms per batch (median over rounds)")
-    print(f"{'':32s} {'forward':>8s} {'attention':>10s} {'by-products':>11s} {'reduction':>10s} {'work':>8s}")
+    print(f"{'':32s} {'forward':>8s} {'attention':>10s} {'by-products':>11s} {'reduction':>10s} {'work':>8s} "
+          f"{'graph score':>12s}")
     for k in models:
         m = med[k]
-        work = "" if k not in limit_of else f"{sum(m.values()) - med[limit_of[k]]['attention']:8.1f}"
+        work = "" if k not in limit_of else f"{sum(m[p] for p in WORK) - med[limit_of[k]]['attention']:8.1f}"
         print(f"{k:32s} {1e3 * statistics.median(forward[k]):8.1f} {m['attention']:10.1f} {m['by-products']:11.1f} "
-              f"{m['reduction']:10.1f} {work}")
+              f"{m['reduction']:10.1f} {work:>8s} {m['graph score']:12.1f}")
 
 
 if __name__ == "__main__":

@@ -139,12 +139,17 @@ for run in 1 2 3; do
   record "overhead_limit_runs31_run$run" python benchmarks/overhead_limit.py --runs 31 --method tome:r=13 \
     --method pitome:r=13 --method zerotprune:r=13
 done
-# the reduction work alone (attention core, by-products, hooks), timed inside the forward pass: no matmul jitter
+# the reduction work alone (attention core, by-products, hooks; of the hooks, PiToMe's and Zero-TPrune's graph
+# scores), timed inside the forward pass: no matmul jitter
 # (reduction_work_before_run{1,2,3}.txt: the same command on commit 1a96b08, before this script's first changes)
 for run in 1 2 3; do
   record "reduction_work_run$run" python benchmarks/reduction_work.py --runs 15 --method tome:r=13 --method tofu:r=13 \
     --method pitome:r=13 --method "$DR13" --method zerotprune:r=13
 done
+# Zero-TPrune's fidelity at other PageRank iteration counts than the paper's (30 / 5 / 1), against ToMe
+record zerotprune_iterations python benchmarks/fidelity_table.py zerotprune \
+  "zerotprune:iterations=[50,50,50,10,10,10,10,10,10,1,1,1]" "zerotprune:iterations=[10,10,10,5,5,5,5,5,5,1,1,1]" \
+  "zerotprune:iterations=[3,3,3,3,3,3,3,3,3,1,1,1]" zerotprune:iterations=1 tome:r=13
 # DiffRate's rates learned on the even-position images at each level, and tune's diffrate schedule at 0.80
 for g in 0.73 0.80; do
   record "diffrate_calibrate_$g" tokensparse calibrate --model vit_tiny_patch16_224.augreg_in21k_ft_in1k \

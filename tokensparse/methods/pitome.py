@@ -44,6 +44,12 @@ def _cross(unit: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     return gather_tokens(unit, rows) @ gather_tokens(unit, cols).transpose(-1, -2)
 
 
+def unit_energy(unit: Tensor, margin: float, alpha: float) -> Tensor:
+    """PiToMe's energy ``(B, n)`` of unit-norm tokens ``unit`` ``(B, n, D)`` from their whole ``n x n``
+    cosine similarities (:func:`~tokensparse.ops.energy_scores`): the score ToMe's matching does not need."""
+    return energy_scores_(unit @ unit.transpose(-1, -2), margin, alpha)
+
+
 def pitome_groups(metric: Tensor, r: int, margin: float, alpha: float, bsm: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Merging ``r`` of the ``n`` tokens of ``metric`` ``(B, n, D)`` (PiToMe's keys) as ``(keep, src, dst)``:
     the tokens kept ``(B, n - r)`` in their new order, the tokens merged ``(B, r)`` and the index into
@@ -53,7 +59,7 @@ def pitome_groups(metric: Tensor, r: int, margin: float, alpha: float, bsm: bool
     set B; without, the protected tokens (by falling energy) then set B.
     """
     unit = F.normalize(metric.float(), dim=-1)
-    order = energy_scores_(unit @ unit.transpose(-1, -2), margin, alpha).argsort(dim=-1, descending=True)
+    order = unit_energy(unit, margin, alpha).argsort(dim=-1, descending=True)
     if bsm:
         a_idx, b_idx = order[:, ::2], order[:, 1::2]
         best, partner = _cross(unit, a_idx, b_idx).max(dim=-1)
