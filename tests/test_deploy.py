@@ -132,15 +132,12 @@ def _compiled_diff(model: nn.Module, family: str, backend: str) -> float:
     return _max_diff(got, want)
 
 
-HF_FAMILIES = ("hf-vit", "hf-dinov2", "hf-clip", "hf-siglip")
-
-
 def _backend(family: str, spec: str) -> str:
     """``aot_eager`` (graph capture, then AOT autograd's functionalized trace) for every method on the
     timm families and for the exported cases; on the other transformers cases, whose methods that
     trace already covers on the timm ViT and whose families it covers in ONNX_CASES, the capture
     alone (``eager``: fullgraph, fake-tensor shapes; half the time)."""
-    return "eager" if family in HF_FAMILIES and (family, spec) not in ONNX_CASES else "aot_eager"
+    return "eager" if family.startswith("hf-") and (family, spec) not in ONNX_CASES else "aot_eager"
 
 
 @pytest.mark.parametrize(("family", "spec"), CASES, ids=[f"{f}-{m}" for f, m in CASES])

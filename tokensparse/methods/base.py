@@ -205,4 +205,3 @@ def merge_into(x: Tensor, keep: Tensor, src: Tensor, dst: Tensor, state: TokenSt
     merged, size = merge_rows(x, state.sizes(x), with_prefix(keep, P), src + P, dst + P)
     state.update(prefix_assignment(group_assignment(x.shape[1] - P, None, keep, src, dst), P), size)
     return merged
-

@@ -182,11 +182,17 @@ class DiffRateReducer(TokenReducer):
         return x
 
 
+def join_targets(keep: Tensor, join: Tensor) -> tuple[Tensor, Tensor]:
+    """For each of the tokens ``join`` ``(B, m, C)``, its similarity to and index of its most similar token
+    of ``keep`` ``(B, k, C)`` ``(B, m)`` (cosine; a choice: no gradient)."""
+    return pairwise_cosine(join.detach(), keep.detach()).max(dim=-1)
+
+
 def join_similar(keep: Tensor, join: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Each of the tokens ``join`` ``(B, m, C)`` joins its most similar of ``keep`` ``(B, k, C)`` (cosine; the
     authors' ``scatter_reduce(mode="mean")``): the plain means of the groups ``(B, k, C)``, and each joining
-    token's similarity and target ``(B, m)``."""
-    sim_max, dst = pairwise_cosine(join.detach(), keep.detach()).max(dim=-1)
+    token's similarity and target ``(B, m)`` (:func:`join_targets`)."""
+    sim_max, dst = join_targets(keep, join)
     B, k, m = keep.shape[0], keep.shape[1], join.shape[1]
     count = add_tokens_(keep.new_ones(B, k, 1), dst, keep.new_ones(B, m, 1))
     return add_tokens_(keep.clone(memory_format=torch.contiguous_format), dst, join) / count, sim_max, dst
@@ -201,14 +207,15 @@ def prune_and_merge(x: Tensor, important: Tensor, merged: Tensor, state: TokenSt
     P = state.num_prefix
     out = gather_tokens(x, with_prefix(important, P))
     join = gather_tokens(x[:, P:], merged)
-    sim_max, dst = pairwise_cosine(join.detach(), out[:, P:].detach()).max(dim=-1)
+    sim_max, dst = join_targets(out[:, P:], join)
     ones = out.new_ones(1, 1, 1)
     average_into_(out, ones.expand(*out.shape[:2], 1), join, ones.expand(*join.shape[:2], 1), dst + P)
-    size = state.sizes(x)[:, P:]
+    sizes = state.sizes(x)
+    size = sizes[:, P:]
     scaled = gather_tokens(size, merged) * sim_max.unsqueeze(-1).to(size.dtype)
     new_size = add_tokens_(gather_tokens(size, important).clone(memory_format=torch.contiguous_format), dst, scaled)
     assign = group_assignment(size.shape[1], None, important, merged, dst)
-    state.update(prefix_assignment(assign, P), torch.cat([state.sizes(x)[:, :P], new_size], dim=1))
+    state.update(prefix_assignment(assign, P), torch.cat([sizes[:, :P], new_size], dim=1))
     return out
 
 
@@ -263,6 +270,6 @@ class DiffRate(BlockReducerMethod):
         return self.reducers(family.depth, family.num_positions())
 
 
-__all__ = ["AUTHORS_TINY_1G", "DiffRate", "DiffRateReducer", "RateChoice", "default_schedule", "join_similar",
+__all__ = ["AUTHORS_TINY_1G", "DiffRate", "DiffRateReducer", "RateChoice", "default_schedule", "join_similar", "join_targets",
            "prune_and_merge",
            "ste_ceil"]
